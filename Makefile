@@ -1,0 +1,42 @@
+# Two commands for a new user: `make demo` and `make test`. Each bootstraps .venv itself:
+# torch (CPU wheel) in its own step first, then the package; re-installs only when
+# pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check --progress-bar off
+
+# The offline, no-telemetry environment: one list, shared with the CLI and the tests.
+include flywheel/offline.env
+export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' flywheel/offline.env)
+
+.PHONY: demo test lint bench clean-venv
+.DEFAULT_GOAL := test
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "== installing $(TORCH) (its own step, so pip never swaps in a CUDA build)"
+	@$(PIP) -q "$(TORCH)" 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(BIN)/python -c "import torch" || { echo "torch did not install"; exit 1; }
+	@echo "== installing flywheel[dev]"
+	@$(PIP) -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(BIN)/python -c "import flywheel.cli, trl, lm_eval, mlflow, prefect" || { echo "install failed"; exit 1; }
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/flywheel demo configs/demo.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,135 @@
+"""`flywheel ...`: parse, call a stage function, print. No work happens here.
+
+Every command that takes a config validates it first; any `FlywheelError` (bad config, bad
+data, missing world) is printed as one sentence on stderr with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flywheel.env import apply_offline_env
+
+apply_offline_env()
+
+from flywheel.config import WORLD_SIZES, FlywheelConfig, config_summary, load_config  # noqa: E402
+from flywheel.errors import ConfigError, FlywheelError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Flywheel: ReMiT mid-training guided by the last round's RL model, round after round.")
+world_app = typer.Typer(no_args_is_help=True, help="The offline tiny world: corpora, tokenizer, pre-anneal base.")
+app.add_typer(world_app, name="world")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="A flywheel YAML config (see configs/).", show_default=False)]
+
+
+def _load(path: Path) -> FlywheelConfig:
+    return load_config(path)
+
+
+def _print_summary(cfg: FlywheelConfig, title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for label, value in config_summary(cfg):
+        table.add_row(label, value)
+    console.print(table)
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Check a config and print a short summary; one line per problem and exit 2 when invalid."""
+    cfg = _load(config)
+    _print_summary(cfg, f"{config}: valid")
+
+
+@world_app.command("build")
+def world_build(
+    config: Annotated[Path, typer.Argument(help="Config whose seed, home and world section to use.")] = Path(
+        "configs/demo.yaml"
+    ),
+    size: Annotated[str | None, typer.Option(help=f"Model size: {', '.join(WORLD_SIZES)}.")] = None,
+) -> None:
+    """Write the corpora, the tokenizer and a pre-trained base under home; reuse what exists."""
+    cfg = _load(config)
+    if size is not None and size not in WORLD_SIZES:
+        raise FlywheelError(f"--size: must be one of {', '.join(WORLD_SIZES)} (got '{size}')")
+    from flywheel.world.build import build_world
+
+    report = build_world(cfg, size)
+    _print_world_report(report)
+
+
+def _print_world_report(report) -> None:  # noqa: ANN001 - BuildReport, imported lazily
+    from flywheel.world.tasks import LEVEL_NAMES
+
+    p = report.paths
+    console.print(f"[bold]tiny world[/] {p.root}  ({'reused' if report.reused_corpora else 'built'})")
+    console.print("  corpora: " + ", ".join(f"{k} {v:,}" for k, v in report.counts.items()))
+    console.print(f"  base ({p.size}, {report.params / 1e6:.2f}M params): {p.base}  "
+                  f"({'reused' if report.reused_base else 'pre-trained'})")
+    if report.heldout_loss is not None:
+        console.print(f"  held-out pre-training loss: {report.heldout_loss:.3f}")
+    if report.ladder:
+        table = Table(title="pre-anneal base, greedy accuracy on held-out problems", title_justify="left")
+        table.add_column("level")
+        table.add_column("task")
+        table.add_column("accuracy", justify="right")
+        for lvl, acc in report.ladder.items():
+            table.add_row(f"L{lvl}", LEVEL_NAMES[lvl], f"{100 * acc:.0f}%")
+        mean = sum(report.ladder.values()) / len(report.ladder)
+        table.add_row("mean", "", f"{100 * mean:.1f}%")
+        console.print(table)
+        console.print("  Mid-training should raise the middle levels; the hardest should stay out of reach.")
+    console.print(f"  took {report.seconds:.0f} s")
+
+
+@app.command()
+def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
+    """Offline demo: build the tiny world, then run flywheel rounds (rounds land with the flows issue)."""
+    cfg = _load(config)
+    _print_summary(cfg, f"{config}")
+    from flywheel.world.build import build_world
+
+    _print_world_report(build_world(cfg))
+    console.print(
+        "[yellow]not yet implemented:[/] the round flow (mid-train → post-train → evaluate → promote) "
+        "lands with the Prefect flows issue; the tiny world above is what it will run on."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        where = f"{exc.source}: " if exc.source else ""
+        for problem in exc.problems:
+            err_console.print(f"error: {where}{problem}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except FlywheelError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except Exception as exc:  # click usage errors arrive as ClickException
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

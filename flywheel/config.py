@@ -1,0 +1,417 @@
+"""A flywheel's whole configuration: one YAML in, typed pydantic models out, clear errors.
+
+Every default lives here. Sections: name, seed, home, world, model, data, midtrain,
+posttrain, evaluation, tracking, promotion. `load_config(path)` is what every command calls
+before doing any work; an invalid file raises `ConfigError` with one line per problem,
+e.g. ``midtrain.epsilon: must be > 0 (got -0.1)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flywheel.errors import ConfigError
+
+WORLD_SIZES = ("nano", "micro", "mini")
+WORLD_CORPORA = ("pretrain", "midtrain", "sft", "dpo", "rl", "eval", "eval_mc")
+POSTTRAIN_KINDS = ("sft", "dpo", "grpo")
+BUILTIN_REWARDS = ("math_answer", "format", "code_exec")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Where each post-training stage reads its data unless the config says otherwise.
+DEFAULT_STAGE_DATA = {"sft": "world:sft", "dpo": "world:dpo", "grpo": "world:rl"}
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _is_local_path(ref: str) -> bool:
+    """A reference is a local path when it says so (absolute, ./, ../, ~) or exists."""
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
+
+
+def _check_world_ref(ref: str, allowed: tuple[str, ...], what: str) -> str:
+    name = ref.removeprefix("world:")
+    if name not in allowed:
+        raise ValueError(f"unknown tiny-world {what} '{name}'; use one of {', '.join(allowed)}")
+    return ref
+
+
+def _check_model_ref(ref: str) -> str:
+    """A model is `world:<size>`, an existing local folder, or a hub id like `org/name`."""
+    ref = ref.strip()
+    if ref.startswith("world:"):
+        return _check_world_ref(ref, WORLD_SIZES, "size")
+    if _is_local_path(ref):
+        if not Path(ref).expanduser().is_dir():
+            raise ValueError("local model folder does not exist; build it or fix the path")
+        return ref
+    if not _HUB_ID_RE.match(ref):
+        raise ValueError("must be world:<size>, an existing local folder, or a hub id like 'org/name'")
+    return ref
+
+
+def _check_data_ref(ref: str) -> str:
+    """A dataset is `world:<corpus>`, a local jsonl/json/parquet file, or a hub dataset id."""
+    ref = ref.strip()
+    if ref.startswith("world:"):
+        return _check_world_ref(ref, WORLD_CORPORA, "corpus")
+    if ref.endswith(DATA_FILE_SUFFIXES) or _is_local_path(ref):
+        if not Path(ref).expanduser().is_file():
+            raise ValueError("local data file does not exist; fix the path")
+        if not ref.endswith(DATA_FILE_SUFFIXES):
+            raise ValueError(f"local data must be one of {', '.join(DATA_FILE_SUFFIXES)}")
+        return ref
+    if not _HUB_ID_RE.match(ref):
+        raise ValueError("must be world:<corpus>, a local .jsonl/.json/.parquet file, or a hub dataset id")
+    return ref
+
+
+class WorldConfig(Section):
+    """The offline tiny world: how much of each corpus to generate and how long to pre-train."""
+
+    pretrain_tokens: int = Field(900_000, gt=0)
+    pretrain_lr: float = Field(2e-3, gt=0)
+    pretrain_batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=16, le=4096)
+    pretrain_docs: int = Field(30_000, ge=100)
+    midtrain_docs: int = Field(20_000, ge=100)
+    sft_pairs: int = Field(4_000, ge=10)
+    dpo_pairs: int = Field(2_000, ge=10)
+    rl_prompts: int = Field(2_000, ge=10)
+    eval_per_level: int = Field(100, ge=5)
+
+
+class ModelConfig(Section):
+    """The pre-anneal base that every round mid-trains from."""
+
+    source: str = "world:nano"
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @field_validator("source", "tokenizer")
+    @classmethod
+    def _model_ref(cls, v: str | None) -> str | None:
+        return None if v is None else _check_model_ref(v)
+
+
+class DataSource(Section):
+    """One mid-training source and its share of the mixture."""
+
+    source: str
+    weight: float = Field(1.0, gt=0)
+    text_field: str = "text"
+    split: str = "train"
+    subset: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _data_ref(cls, v: str) -> str:
+        return _check_data_ref(v)
+
+
+class DataConfig(Section):
+    """The mid-training mixture."""
+
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(source="world:midtrain")], min_length=1
+    )
+
+
+class MidtrainConfig(Section):
+    """The anneal: ReMiT or one of the paper's baselines, learning rate decayed to zero."""
+
+    objective: Literal["ntp", "remit", "kd", "rho1"] = "remit"
+    epsilon: float | None = Field(0.2, gt=0, le=1)  # None: no clip (for the ablation)
+    reference_mode: Literal["cached", "online"] = "cached"
+    reference: str | None = None  # round 1's reference when the registry has none yet
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    token_budget: int = Field(300_000, gt=0)
+    seq_len: int = Field(128, ge=16, le=131_072)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    score_batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    decay: Literal["linear", "cosine"] = "linear"
+    start_from: Literal["pretrained", "previous"] = "pretrained"
+    checkpoint_every: int = Field(200, ge=1)
+    kd_temperature: float = Field(1.0, gt=0)
+    kd_alpha: float = Field(0.5, ge=0, le=1)  # weight of the KL term; 1 - kd_alpha goes to CE
+    kd_top_k: int | None = Field(None, ge=1)
+    rho1_keep: float = Field(0.8, gt=0, le=1)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        return None if v is None else _check_model_ref(v)
+
+    @model_validator(mode="after")
+    def _kd_needs_online(self) -> MidtrainConfig:
+        if self.objective == "kd" and self.reference_mode != "online":
+            raise ValueError(
+                "midtrain.reference_mode: objective 'kd' needs the reference's full distribution, "
+                "so set reference_mode: online (got 'cached')"
+            )
+        return self
+
+
+class PosttrainStage(Section):
+    """One TRL stage; `args` passes any further TRL config field through (checked at run time)."""
+
+    kind: Literal["sft", "dpo", "grpo"]
+    data: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    rewards: list[str] = Field(default_factory=list)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str | None) -> str | None:
+        return None if v is None else _check_data_ref(v)
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> PosttrainStage:
+        if self.data is None:
+            self.data = DEFAULT_STAGE_DATA[self.kind]
+        if self.kind == "grpo" and not self.rewards:
+            self.rewards = ["math_answer", "format"]
+        if self.kind != "grpo" and self.rewards:
+            raise ValueError(f"only grpo stages take rewards (this stage is {self.kind}); remove rewards")
+        return self
+
+
+class PosttrainConfig(Section):
+    """The ordered TRL chain that turns a mid-trained base into the round's RL checkpoint."""
+
+    stages: list[PosttrainStage] = Field(
+        default_factory=lambda: [PosttrainStage(kind="sft"), PosttrainStage(kind="grpo", lr=5e-5, max_steps=40)],
+        min_length=1,
+    )
+    allow_custom_rewards: bool = False
+
+    @model_validator(mode="after")
+    def _rewards_known(self) -> PosttrainConfig:
+        for i, stage in enumerate(self.stages):
+            for name in stage.rewards:
+                if name in BUILTIN_REWARDS:
+                    continue
+                dotted = re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", name)
+                if dotted and self.allow_custom_rewards:
+                    continue
+                hint = (
+                    "set posttrain.allow_custom_rewards: true to import it"
+                    if dotted
+                    else f"use one of {', '.join(BUILTIN_REWARDS)} or a dotted import path"
+                )
+                raise ValueError(f"posttrain.stages.{i}.rewards: unknown reward '{name}'; {hint}")
+        return self
+
+
+class EvaluationConfig(Section):
+    """What lm-eval runs after mid-training and after post-training."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["world"], min_length=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class TrackingConfig(Section):
+    """MLflow: the embedded SQLite store under `home` unless a URI (or MLFLOW_TRACKING_URI) says otherwise."""
+
+    uri: str | None = None
+    register_by_reference: bool = False
+
+
+class PromotionConfig(Section):
+    """The gate that decides whether a round's RL checkpoint becomes the next reference."""
+
+    metric: str = "eval/avg"
+    min_delta: float = Field(0.0, ge=0)
+    force: bool = False
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("FLYWHEEL_HOME", "./.flywheel"))
+
+
+class FlywheelConfig(Section):
+    """A whole flywheel."""
+
+    name: Annotated[str, Field(pattern=_NAME_RE, max_length=64)]
+    seed: int = Field(0, ge=0)
+    home: Path = Field(default_factory=_default_home)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    midtrain: MidtrainConfig = Field(default_factory=MidtrainConfig)
+    posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @field_validator("home")
+    @classmethod
+    def _home(cls, v: Path) -> Path:
+        v = v.expanduser()
+        if v.exists() and not v.is_dir():
+            raise ValueError("exists and is not a folder; point home at a folder")
+        return v.resolve()
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of some sections: the config part of a stage's cache key."""
+        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        dump.pop("home", None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+    def uses_world(self) -> bool:
+        """True when any part of the config reads from the tiny world (so `world build` must run first)."""
+        refs = [self.model.source, *(s.source for s in self.data.sources)]
+        refs += [s.data or "" for s in self.posttrain.stages]
+        return any(r.startswith("world:") for r in refs)
+
+
+# --- error messages ---------------------------------------------------------------------------
+
+
+def _unwrap(tp: Any) -> list[Any]:
+    """The concrete types inside Optional/Union/Annotated/list, so error paths can be walked."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(tp) for t in _unwrap(a)]
+    return [tp]
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model at an error's location, to list the fields it allows."""
+    current: Any = FlywheelConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        candidates = [t for t in _unwrap(current) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not candidates or part not in candidates[0].model_fields:
+            return None
+        ann = candidates[0].model_fields[part].annotation
+        inner = [a for t in _unwrap(ann) for a in (typing.get_args(t) or [t]) if typing.get_origin(t) is list]
+        current = inner[0] if inner else ann
+    found = [t for t in _unwrap(current) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return found[0] if found else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One line for one pydantic error: `field.path: what is allowed (got value)`."""
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    got = f" (got {_short(value)})"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{path}: unknown field{hint} (allowed: {', '.join(allowed)})" if allowed else f"{path}: unknown field"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+        return f"{path}: must be {bounds[kind]} {limit}{got}"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')}{got}"
+    if kind in ("too_short", "too_long"):
+        bound = "at least" if kind == "too_short" else "at most"
+        limit = ctx.get("min_length" if kind == "too_short" else "max_length")
+        return f"{path}: must have {bound} {limit} item(s) (got {ctx.get('actual_length')})"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: use letters, digits, '_', '.', '-' and start with a letter or digit{got}"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        if re.match(r"^[\w.]+: ", msg):  # the validator already named its own field path
+            return msg
+        return f"{path}: {msg}" + ("" if isinstance(value, (dict, list)) else got)
+    msg = err["msg"].replace("Input should be", "must be")
+    return f"{path}: {msg[0].lower() + msg[1:]}{got}"
+
+
+def validate_config(data: Any, source: str | None = None) -> FlywheelConfig:
+    """Turn a parsed YAML document into a config, or raise ConfigError listing every problem."""
+    if data is None:
+        raise ConfigError(["the file is empty; a config needs at least `name:`"], source)
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of sections (got {type(data).__name__})"], source)
+    try:
+        return FlywheelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()], source) from None
+
+
+def load_config(path: str | Path) -> FlywheelConfig:
+    """Read and validate a config file; every command calls this before doing any work."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"config file not found; check the path (cwd is {Path.cwd()})"], str(path))
+    if path.is_dir():
+        raise ConfigError(["is a folder; pass a YAML config file"], str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(["is not UTF-8 text; save it as UTF-8"], str(path)) from None
+    if not text.strip():
+        raise ConfigError(["the file is empty; a config needs at least `name:`"], str(path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"YAML syntax error{where}: {problem}"], str(path)) from None
+    return validate_config(data, str(path))
+
+
+def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
+    """The few facts a person checks first, as (label, value) rows."""
+    mt = cfg.midtrain
+    eps = "no clip" if mt.epsilon is None else f"ε={mt.epsilon}"
+    mix = ", ".join(f"{s.source}×{s.weight:g}" for s in cfg.data.sources)
+    chain = " → ".join(s.kind for s in cfg.posttrain.stages)
+    return [
+        ("name", cfg.name),
+        ("home", str(cfg.home)),
+        ("base model", f"{cfg.model.source} ({cfg.model.dtype})"),
+        ("mid-training", f"{mt.objective} ({eps}, reference {mt.reference_mode}), {mt.token_budget:,} tokens"),
+        ("data mix", mix),
+        ("post-training", chain),
+        ("evaluation", ", ".join(cfg.evaluation.tasks)),
+        ("promotion", f"{cfg.promotion.metric}, min_delta {cfg.promotion.min_delta:g}"),
+        ("tracking", cfg.tracking.uri or "embedded MLflow (SQLite under home)"),
+    ]

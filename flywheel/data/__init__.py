@@ -1,0 +1,1 @@
+"""Corpora in and out: reading jsonl, tokenizing, packing, fingerprints."""

@@ -1,0 +1,1 @@
+"""The offline tiny world: tasks, corpora, tokenizer, model sizes, the pre-anneal base."""

@@ -1,0 +1,38 @@
+"""The tiny world's model sizes: small Llamas that learn arithmetic on a CPU in minutes."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+# hidden, layers, heads, ffn. nano ≈ 1M, micro ≈ 2-3M, mini ≈ 10M parameters (vocab 512, tied embeddings).
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "nano": (128, 4, 4, 512),
+    "micro": (192, 6, 6, 576),
+    "mini": (256, 10, 8, 1024),
+}
+
+
+def llama_config(size: str, tok: PreTrainedTokenizerBase, max_positions: int = 512) -> LlamaConfig:
+    """A LlamaConfig of a named size whose special-token ids match the tokenizer."""
+    hidden, layers, heads, ffn = SIZES[size]
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def new_model(size: str, tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised model; seeded so a world build is reproducible."""
+    import torch
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(size, tok))

@@ -1,0 +1,49 @@
+"""Shared fixtures: the offline environment for every test, and one small tiny world per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from flywheel.env import apply_offline_env
+
+apply_offline_env(force=True)
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="flywheel-prefect-"))
+
+import pytest  # noqa: E402
+
+from flywheel.config import FlywheelConfig, validate_config  # noqa: E402
+
+# A world small enough to build in seconds but big enough to learn from: the same code path
+# as the demo's world, with fewer documents and a short pre-training run.
+SMALL_WORLD = {
+    "pretrain_tokens": 120_000,
+    "pretrain_docs": 6_000,
+    "midtrain_docs": 1_000,
+    "sft_pairs": 200,
+    "dpo_pairs": 100,
+    "rl_prompts": 100,
+    "eval_per_level": 20,
+}
+
+
+def small_config(home: Path, **overrides) -> FlywheelConfig:
+    """A valid config on the small test world under `home`."""
+    data = {"name": "test", "seed": 0, "home": str(home), "world": dict(SMALL_WORLD)}
+    data.update(overrides)
+    return validate_config(data)
+
+
+@pytest.fixture(scope="session")
+def world_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flywheel-home")
+
+
+@pytest.fixture(scope="session")
+def small_world(world_home):
+    """The session's tiny world, built once through the real `build_world`."""
+    from flywheel.world.build import build_world
+
+    cfg = small_config(world_home)
+    return cfg, build_world(cfg, ladder=False)
