@@ -85,11 +85,11 @@ def _check_data_ref(ref: str) -> str:
 class WorldConfig(Section):
     """The offline tiny world: how much of each corpus to generate and how long to pre-train."""
 
-    pretrain_tokens: int = Field(900_000, gt=0)
+    pretrain_tokens: int = Field(2_000_000, gt=0)
     pretrain_lr: float = Field(2e-3, gt=0)
     pretrain_batch_size: int = Field(16, ge=1)
     seq_len: int = Field(128, ge=16, le=4096)
-    pretrain_docs: int = Field(30_000, ge=100)
+    pretrain_docs: int = Field(60_000, ge=100)
     midtrain_docs: int = Field(20_000, ge=100)
     sft_pairs: int = Field(4_000, ge=10)
     dpo_pairs: int = Field(2_000, ge=10)
