@@ -90,6 +90,43 @@ def _print_world_report(report) -> None:  # noqa: ANN001 - BuildReport, imported
     console.print(f"  took {report.seconds:.0f} s")
 
 
+@app.command("score-reference")
+def score_reference_cmd(
+    config: ConfigArg,
+    reference: Annotated[str | None, typer.Option(help="Reference model (default: midtrain.reference).")] = None,
+) -> None:
+    """Score the packed mid-training mixture with the frozen reference once; store 16-bit log-probs."""
+    cfg = _load(config)
+    reference = reference or cfg.midtrain.reference
+    if reference is None:
+        raise FlywheelError("midtrain.reference: no reference model to score with; set it or pass --reference")
+    from flywheel.remit.scoring import score_reference
+
+    rep = score_reference(cfg, reference)
+    meta = rep.corpus.meta
+    state = f"scored {len(rep.computed_chunks)} chunk(s)" if rep.computed_chunks else "reused"
+    speed = f", {rep.tokens_per_second:,.0f} tokens/s" if rep.tokens_per_second else ""
+    console.print(f"reference cache {rep.cache.folder} ({state}{speed})")
+    console.print(f"  corpus {rep.corpus.folder}: {meta['rows']:,} rows × {meta['seq_len']} = {meta['tokens']:,} tokens")
+
+
+@app.command("midtrain")
+def midtrain_cmd(
+    config: ConfigArg,
+    base: Annotated[str | None, typer.Option(help="Base checkpoint (default: model.source).")] = None,
+    reference: Annotated[str | None, typer.Option(help="Reference model (default: midtrain.reference).")] = None,
+) -> None:
+    """Run the mid-training anneal (ReMiT or a baseline) and print where the checkpoint is."""
+    cfg = _load(config)
+    from flywheel.remit.midtrain import midtrain
+
+    res = midtrain(cfg, base=base, reference=reference)
+    state = "reused" if res.reused else (f"resumed from {res.resumed_from}" if res.resumed_from else "trained")
+    console.print(f"mid-trained checkpoint: {res.checkpoint} ({state}, {res.seconds:.0f} s)")
+    if res.html:
+        console.print(f"token weights page: {res.html}")
+
+
 @app.command()
 def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
     """Offline demo: build the tiny world, then run flywheel rounds (rounds land with the flows issue)."""

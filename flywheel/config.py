@@ -142,7 +142,7 @@ class MidtrainConfig(Section):
     epsilon: float | None = Field(0.2, gt=0, le=1)  # None: no clip (for the ablation)
     reference_mode: Literal["cached", "online"] = "cached"
     reference: str | None = None  # round 1's reference when the registry has none yet
-    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    cache_dtype: Literal["float16", "float32"] = "float16"  # see remit/scoring.py for why not bfloat16
     token_budget: int = Field(300_000, gt=0)
     seq_len: int = Field(128, ge=16, le=131_072)
     batch_size: int = Field(16, ge=1)

@@ -1,0 +1,173 @@
+"""The mid-training stage: `midtrain(cfg, base, reference) -> checkpoint`, the anneal with ReMiT or a baseline.
+
+Short warmup, then the learning rate decays to zero over `token_budget` tokens. Output is a
+plain HF folder (safetensors + tokenizer) under `home/runs/<name>/midtrain-<key>/model`,
+where the key hashes everything the result depends on: a rerun with the same inputs returns
+the finished folder; a rerun after a crash resumes from the Trainer's last checkpoint.
+Works unchanged under `accelerate launch` (DDP/FSDP come from the Trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flywheel.config import FlywheelConfig
+from flywheel.data.io import atomic_dir, fingerprint, write_json
+from flywheel.data.mixture import build_mixture
+from flywheel.errors import FlywheelError
+from flywheel.models import (
+    check_same_vocabulary,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    resolve_model,
+    tokenizer_identity,
+)
+
+MIDTRAIN_VERSION = 1
+NEEDS_REFERENCE = ("remit", "kd", "rho1")
+
+
+@dataclass
+class MidtrainResult:
+    """Where the mid-trained base is and how it was made."""
+
+    checkpoint: Path
+    run_dir: Path
+    key: str
+    reused: bool = False
+    resumed_from: str | None = None
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    html: Path | None = None
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corpus_key: str) -> str:
+    """The stage's cache key: its config section, the base and reference weights, the data, the seed."""
+    section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "score_batch_size"})
+    ref_id = model_identity(ref_path) if ref_path and cfg.midtrain.objective in NEEDS_REFERENCE else None
+    return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
+                       cfg.model.dtype, _world_size())
+
+
+def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None = None,
+             run_dir: Path | None = None, logging_steps: int | None = None) -> MidtrainResult:
+    """Anneal `base` on the mixture with `midtrain.objective`, guided by `reference` when it needs one."""
+    import torch
+    from accelerate import PartialState
+    from transformers import TrainingArguments, default_data_collator
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from flywheel.remit.diagnostics import Diagnostics
+    from flywheel.remit.scoring import score_reference
+    from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
+
+    t0 = time.perf_counter()
+    mt = cfg.midtrain
+    base = base or cfg.model.source
+    reference = reference or mt.reference
+    if mt.objective in NEEDS_REFERENCE and reference is None:
+        raise FlywheelError(
+            f"midtrain.reference: objective '{mt.objective}' needs a reference model; set midtrain.reference "
+            "(a local folder or hub id), or run a flywheel round so the registry supplies it"
+        )
+    base_path = resolve_model(cfg, base)
+    tok = load_tokenizer(cfg, cfg.model.tokenizer or base)
+    ref_path = resolve_model(cfg, reference) if reference and mt.objective in NEEDS_REFERENCE else None
+    if ref_path:
+        check_same_vocabulary(tok, load_tokenizer(cfg, reference), base, reference)
+
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # rank 0 builds caches, others read
+        corpus = build_mixture(cfg, tok, tokenizer_identity(tok))
+        cache = None
+        if mt.objective in ("remit", "rho1") and mt.reference_mode == "cached":
+            cache = score_reference(cfg, reference).cache
+    packed = corpus.load()
+
+    key = midtrain_key(cfg, base_path, ref_path, corpus.key)
+    run_dir = run_dir or cfg.home / "runs" / cfg.name / f"midtrain-{key}"
+    final = run_dir / "model"
+    if (final / "model.safetensors").exists():
+        metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+        html = run_dir / "remit-weights.html"
+        return MidtrainResult(final, run_dir, key, reused=True, metrics=metrics, html=html if html.exists() else None)
+
+    global_batch = mt.batch_size * mt.grad_accum * _world_size()
+    steps = max(1, math.ceil(mt.token_budget / (global_batch * mt.seq_len)))
+    model = load_model(cfg, base)
+    reference_model = None
+    if mt.objective == "kd" or (mt.objective in ("remit", "rho1") and mt.reference_mode == "online"):
+        reference_model = load_model(cfg, reference, for_training=False)
+    diagnostics = Diagnostics(tok, model.config.vocab_size) if mt.objective in ("remit", "rho1") else None
+
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=steps,
+        per_device_train_batch_size=mt.batch_size,
+        gradient_accumulation_steps=mt.grad_accum,
+        learning_rate=mt.lr,
+        lr_scheduler_type=mt.decay,  # linear / cosine: both reach zero at the last step
+        warmup_steps=mt.warmup_ratio,
+        weight_decay=mt.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        save_strategy="steps",
+        save_steps=mt.checkpoint_every,
+        save_total_limit=2,
+        logging_steps=logging_steps or max(1, steps // 20),
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        average_tokens_across_devices=True,
+    )
+    trainer = ReMiTTrainer(
+        model=model,
+        args=args,
+        train_dataset=PackedDataset(packed, cache),
+        data_collator=default_data_collator,
+        processing_class=tok,
+        objective=mt.objective,
+        epsilon=mt.epsilon,
+        reference_model=reference_model,
+        rho1_keep=mt.rho1_keep,
+        kd_temperature=mt.kd_temperature,
+        kd_alpha=mt.kd_alpha,
+        kd_top_k=mt.kd_top_k,
+        diagnostics=diagnostics,
+    )
+    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+
+    result = MidtrainResult(final, run_dir, key, resumed_from=resume)
+    if trainer.is_world_process_zero():
+        history = trainer.state.log_history
+        result.metrics = {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": history,
+                          "objective": mt.objective, "base": base, "reference": reference}
+        if diagnostics is not None:
+            result.html = diagnostics.write_html(run_dir / "remit-weights.html",
+                                                 f"{cfg.name}: {mt.objective} token weights", mt.epsilon)
+        with atomic_dir(final) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "flywheel-midtrain.json", {k: v for k, v in result.metrics.items() if k != "log_history"}
+                       | {"key": key})
+        write_json(run_dir / "metrics.json", result.metrics)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    result.seconds = time.perf_counter() - t0
+    return result

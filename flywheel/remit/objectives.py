@@ -1,0 +1,128 @@
+"""Mid-training objectives on target-aligned tensors: ntp (the baseline), remit (the method), kd, rho1.
+
+`logits[b, t]` predicts `targets[b, t]`; `mask` is True at valid target positions. Each objective returns the
+*sum* of its per-token loss over valid positions; the trainer divides by the number of valid target tokens of
+the (global) batch, so micro-batches and ranks add up to one mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flywheel.remit.weights import logprob_delta, remit_weights
+
+OBJECTIVES = ("ntp", "remit", "kd", "rho1")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossParts:
+    """What one objective returns: the loss to backpropagate and the detached per-token tensors to log."""
+
+    loss_sum: torch.Tensor  # scalar WITH grad; the trainer divides it by the batch's number of valid targets
+    token_logprobs: torch.Tensor  # (B, T) detached log p_theta(target), 0 at invalid
+    weights: torch.Tensor | None  # (B, T) detached per-token weights actually applied (None for ntp/kd)
+    delta: torch.Tensor | None  # (B, T) detached ref - cur at valid positions, 0 elsewhere (remit, rho1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) log p(target) WITH grad and 0 at invalid positions, via the fused cross-entropy kernel."""
+    B, T, V = logits.shape
+    safe_targets = torch.where(mask, targets, IGNORE_INDEX)  # -100 or garbage at invalid positions -> ignored
+    nll = F.cross_entropy(
+        logits.float().reshape(B * T, V),
+        safe_targets.reshape(B * T).long(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return -nll.view(B, T)  # ignored positions come out as exactly 0
+
+
+def ntp(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> LossParts:
+    """Plain next-token prediction: the baseline every other objective is compared with."""
+    logp = token_logprobs(logits, targets, mask)
+    return LossParts(loss_sum=-logp.sum(), token_logprobs=logp.detach(), weights=None, delta=None)
+
+
+def remit(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    epsilon: float | None = 0.2,
+    doc_ids: torch.Tensor | None = None,
+) -> LossParts:
+    """ReMiT: NLL re-weighted per token by how much more the reference expects it than the current model."""
+    logp = token_logprobs(logits, targets, mask)
+    cur = logp.detach()
+    w = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids)
+    return LossParts(
+        loss_sum=(w * -logp).sum(),
+        token_logprobs=cur,
+        weights=w,
+        delta=logprob_delta(ref_logprobs, cur, mask),
+    )
+
+
+def rho1(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    keep: float = 0.8,
+) -> LossParts:
+    """Rho-1 selective LM: train only on the `keep` fraction of valid tokens with the largest excess loss."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    logp = token_logprobs(logits, targets, mask)
+    cur = logp.detach()
+    excess = logprob_delta(ref_logprobs, cur, mask)  # NLL_cur - NLL_ref = ref - cur
+    n_valid = int(mask.sum())
+    k = math.ceil(keep * n_valid - 1e-9)  # the 1e-9 keeps float noise (0.07 * 100 = 7.000000000000001) out
+    scores = torch.where(mask, excess, -torch.inf).reshape(-1)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[scores.topk(k).indices] = True
+    w = (kept.view_as(mask) & mask).float()
+    return LossParts(loss_sum=(w * -logp).sum() / keep, token_logprobs=cur, weights=w, delta=excess)
+
+
+def kd(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logits: torch.Tensor,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    top_k: int | None = None,
+) -> LossParts:
+    """Knowledge distillation: alpha * T^2 * KL(p_ref^T || p_theta^T) + (1 - alpha) * NLL per valid token."""
+    V = logits.shape[-1]
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if top_k is not None and not 1 <= top_k <= V:
+        raise ValueError(f"top_k must be in [1, {V}] (the vocabulary size) or None, got {top_k}")
+    logp = token_logprobs(logits, targets, mask)
+    invalid = ~mask.unsqueeze(-1)
+
+    with torch.no_grad():  # the reference is a constant: no grad into it, no graph kept for it
+        ref = ref_logits.detach().float()
+        ids = None
+        if top_k is not None:
+            ref, ids = ref.topk(top_k, dim=-1)  # renormalise the reference over its own top-k ids
+        ref_logp = F.log_softmax(ref / temperature, dim=-1)
+        ref_logp.masked_fill_(invalid, 0.0)  # a NaN reference at an invalid position would give NaN grads
+        ref_p = ref_logp.exp()
+
+    student_logp = F.log_softmax(logits.float() / temperature, dim=-1)  # full vocabulary, also for top-k
+    if ids is not None:
+        student_logp = student_logp.gather(-1, ids)
+    kl = (ref_p * (ref_logp - student_logp)).sum(dim=-1)
+    per_token = alpha * temperature**2 * kl - (1 - alpha) * logp
+    loss_sum = torch.where(mask, per_token, 0.0).sum()
+    return LossParts(loss_sum=loss_sum, token_logprobs=logp.detach(), weights=None, delta=None)

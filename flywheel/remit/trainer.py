@@ -1,0 +1,121 @@
+"""`ReMiTTrainer`: the HF Trainer with ReMiT (or a baseline) as its loss; nothing else changed.
+
+Checkpointing, logging, resume, gradient accumulation and accelerate/DDP/FSDP all stay the
+Trainer's. The loss is the global mean over valid target tokens (the paper's Eq. 6): the
+Trainer counts the valid labels of every micro-batch in the optimizer step across devices
+(`num_items_in_batch`), we divide the weighted sum by that count, and scale by the number
+of processes because DDP averages gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from flywheel.data.packing import Packed
+from flywheel.remit import objectives
+from flywheel.remit.diagnostics import Diagnostics
+from flywheel.remit.scoring import ReferenceCache, reference_logprobs
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Packed rows as Trainer inputs; with a cache, each row carries its reference log-probs."""
+
+    def __init__(self, packed: Packed, cache: ReferenceCache | None = None):
+        self.packed, self.cache = packed, cache
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(self.packed.input_ids[i], dtype=np.int64))
+        item = {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "doc_ids": torch.from_numpy(np.asarray(self.packed.doc_ids[i], dtype=np.int64)),
+        }
+        if self.cache is not None:
+            item["ref_logprobs"] = torch.from_numpy(np.asarray(self.cache.rows(i), dtype=np.float32))
+        return item
+
+
+class ReMiTTrainer(Trainer):
+    """Trainer whose `compute_loss` is one of ntp / remit / kd / rho1."""
+
+    loss_is_scaled_for_ga = True  # our loss is already divided by the step's global token count
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: str = "remit",
+        epsilon: float | None = 0.2,
+        reference_model: torch.nn.Module | None = None,
+        rho1_keep: float = 0.8,
+        kd_temperature: float = 1.0,
+        kd_alpha: float = 0.5,
+        kd_top_k: int | None = None,
+        diagnostics: Diagnostics | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        if objective not in objectives.OBJECTIVES:
+            raise ValueError(f"objective must be one of {objectives.OBJECTIVES}")
+        self.objective = objective
+        self.epsilon = epsilon
+        self.rho1_keep = rho1_keep
+        self.kd = {"temperature": kd_temperature, "alpha": kd_alpha, "top_k": kd_top_k}
+        self.reference_model = reference_model
+        if reference_model is not None:
+            reference_model.eval().requires_grad_(False)
+            reference_model.to(self.args.device)
+        self.diagnostics = diagnostics
+        # We divide by the valid-token count ourselves, so ask the Trainer to count labels for every step.
+        self.model_accepts_loss_kwargs = True
+
+    def _reference_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cached (from the batch) or online (frozen reference forward, no grad), aligned to inputs."""
+        if "ref_logprobs" in inputs:
+            return inputs["ref_logprobs"]
+        if self.reference_model is None:
+            raise RuntimeError("objective needs reference log-probs: pass a cache or a reference_model")
+        with torch.no_grad():
+            return reference_logprobs(self.reference_model, inputs["input_ids"])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        input_ids, labels = inputs["input_ids"], inputs["labels"]
+        out = model(input_ids=input_ids, attention_mask=inputs.get("attention_mask"))
+        logits, targets = out.logits[:, :-1], labels[:, 1:]
+        mask = targets != -100
+        doc_ids = inputs["doc_ids"][:, 1:] if "doc_ids" in inputs else None
+
+        if self.objective == "ntp":
+            parts = objectives.ntp(logits, targets, mask)
+        elif self.objective == "remit":
+            ref = self._reference_logprobs(inputs)[:, 1:]
+            parts = objectives.remit(logits, targets, mask, ref, epsilon=self.epsilon, doc_ids=doc_ids)
+        elif self.objective == "rho1":
+            ref = self._reference_logprobs(inputs)[:, 1:]
+            parts = objectives.rho1(logits, targets, mask, ref, keep=self.rho1_keep)
+        else:  # kd needs the reference's whole distribution: online only (the config enforces it)
+            if self.reference_model is None:
+                raise RuntimeError("kd needs an online reference model")
+            with torch.no_grad():
+                ref_logits = self.reference_model(input_ids=input_ids).logits[:, :-1]
+            parts = objectives.kd(logits, targets, mask, ref_logits, **self.kd)
+
+        count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        loss = parts.loss_sum / count
+        if self.accelerator.num_processes > 1 and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it to get the global mean
+        if self.diagnostics is not None and model.training:
+            self.diagnostics.update(targets, mask, parts, self.epsilon if self.objective == "remit" else None)
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the weight diagnostics accumulated since the last log line to every training log."""
+        if self.diagnostics is not None and "loss" in logs:
+            logs.update(self.diagnostics.flush())
+        super().log(logs, start_time)
