@@ -6,6 +6,7 @@ data, missing world) is printed as one sentence on stderr with exit code 2, no t
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -121,6 +122,8 @@ def midtrain_cmd(
     from flywheel.remit.midtrain import midtrain
 
     res = midtrain(cfg, base=base, reference=reference)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under accelerate launch, only the main process reports
     state = "reused" if res.reused else (f"resumed from {res.resumed_from}" if res.resumed_from else "trained")
     console.print(f"mid-trained checkpoint: {res.checkpoint} ({state}, {res.seconds:.0f} s)")
     if res.html:

@@ -61,8 +61,12 @@ def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corp
 
 
 def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None = None,
-             run_dir: Path | None = None, logging_steps: int | None = None) -> MidtrainResult:
-    """Anneal `base` on the mixture with `midtrain.objective`, guided by `reference` when it needs one."""
+             run_dir: Path | None = None, logging_steps: int | None = None,
+             callbacks: list | None = None) -> MidtrainResult:
+    """Anneal `base` on the mixture with `midtrain.objective`, guided by `reference` when it needs one.
+
+    `callbacks` are HF `TrainerCallback`s (progress reporting in flows, fault injection in tests).
+    """
     import torch
     from accelerate import PartialState
     from transformers import TrainingArguments, default_data_collator
@@ -134,6 +138,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         disable_tqdm=True,
         dataloader_num_workers=0,
         average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
     )
     trainer = ReMiTTrainer(
         model=model,
@@ -149,6 +154,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         kd_alpha=mt.kd_alpha,
         kd_top_k=mt.kd_top_k,
         diagnostics=diagnostics,
+        callbacks=callbacks,
     )
     resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=resume)

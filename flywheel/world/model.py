@@ -36,3 +36,28 @@ def new_model(size: str, tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCau
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(size, tok))
+
+
+# Architecture classes the real-model configs use, in tiny random form, so the code path of
+# OLMo-2 and SmolLM3 runs here without the hub.
+TINY_ARCHITECTURES = ("llama", "olmo2", "smollm3")
+
+
+def tiny_random_model(arch: str, tok: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A randomly initialised model of a real architecture class, sized for tests."""
+    import torch
+    from transformers import Olmo2Config, Olmo2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+
+    common = dict(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    if arch == "olmo2":
+        return Olmo2ForCausalLM(Olmo2Config(**common))
+    if arch == "smollm3":
+        return SmolLM3ForCausalLM(SmolLM3Config(**common))
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    raise ValueError(f"arch must be one of {TINY_ARCHITECTURES}")
