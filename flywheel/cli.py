@@ -131,6 +131,46 @@ def midtrain_cmd(
 
 
 @app.command()
+def compare(config: ConfigArg) -> None:
+    """Rounds × metrics with deltas against the previous round and round 0; writes and logs a PNG plot."""
+    cfg = _load(config)
+    from flywheel.tracking.compare import compare as run_compare
+    from flywheel.tracking.store import open_tracker
+
+    result = run_compare(open_tracker(cfg))
+    console.print(result.text, markup=False, highlight=False)
+    if result.plot:
+        console.print(f"plot: {result.plot}")
+
+
+@app.command()
+def lineage(
+    config: ConfigArg,
+    version: Annotated[str | None, typer.Option(help="RL version (default: the current @reference).")] = None,
+) -> None:
+    """Print the chain: RL vN ← base vM (round k, guided by RL vK) ← … ← the pre-anneal base."""
+    cfg = _load(config)
+    from flywheel.tracking.registry import lineage as chain
+    from flywheel.tracking.store import open_tracker
+
+    for line in chain(open_tracker(cfg), version):
+        console.print(line, markup=False, highlight=False)
+
+
+@app.command()
+def ui(
+    config: ConfigArg,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect UI.")] = 4200,
+) -> None:
+    """Start the MLflow and Prefect UIs on 127.0.0.1 against the embedded stores; Ctrl-C stops both."""
+    cfg = _load(config)
+    from flywheel.tracking.ui import serve_uis
+
+    serve_uis(cfg, mlflow_port, prefect_port, console.print)
+
+
+@app.command()
 def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
     """Offline demo: build the tiny world, then run flywheel rounds (rounds land with the flows issue)."""
     cfg = _load(config)

@@ -9,6 +9,8 @@ from pathlib import Path
 from flywheel.env import apply_offline_env
 
 apply_offline_env(force=True)
+for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "FLYWHEEL_HOME"):
+    os.environ.pop(_var, None)  # tests use their own stores, never the caller's
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="flywheel-prefect-"))
 
 import pytest  # noqa: E402

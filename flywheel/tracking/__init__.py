@@ -1,0 +1,1 @@
+"""MLflow tracking: run layout, registry, lineage, promotion, comparisons."""

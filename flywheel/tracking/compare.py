@@ -1,0 +1,88 @@
+"""Is the flywheel turning? Rounds × metrics with deltas, and a plot of each metric against the round."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flywheel.tracking.store import Tracker
+
+
+def log_round_metrics(tracker: Tracker, round_n: int, metrics: dict[str, float], kind: str) -> None:
+    """Round-level metrics (`<kind>/<name>`, kind = base or post) on the round run and, with step=N, the summary run."""
+    named = {f"{kind}/{k}": v for k, v in metrics.items()}
+    tracker.log_metrics(tracker.round_run(round_n), named, step=round_n)
+    tracker.log_metrics(tracker.summary_run(), named, step=round_n)
+
+
+@dataclass
+class Comparison:
+    rounds: list[int]
+    metrics: list[str]
+    values: dict[int, dict[str, float]]
+    text: str = ""
+    plot: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(v: float | None, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str = "") -> Comparison:
+    """Read every round's metrics from MLflow, tabulate deltas vs the previous round and round 0, plot, log both."""
+    runs = tracker.round_runs()
+    values = {n: {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)} for n, r in sorted(runs.items())}
+    rounds = sorted(values)
+    metrics = sorted({k for vals in values.values() for k in vals})
+    lines = []
+    header = ["metric"] + [f"round {n}" for n in rounds] + ["Δ prev", "Δ round 0"]
+    lines.append(" | ".join(header))
+    lines.append(" | ".join("---" for _ in header))
+    for m in metrics:
+        row = [values[n].get(m) for n in rounds]
+        last = row[-1] if row else None
+        prev = row[-2] if len(row) > 1 else None
+        first = row[0] if row else None
+        d_prev = last - prev if last is not None and prev is not None else None
+        d_first = last - first if last is not None and first is not None and len(row) > 1 else None
+        lines.append(" | ".join([m, *(_fmt(v) for v in row), _fmt(d_prev, True), _fmt(d_first, True)]))
+    for n in rounds:
+        promo = runs[n].data.tags.get("flywheel.promotion")
+        if promo:
+            lines.append(f"round {n}: {promo}")
+    result = Comparison(rounds, metrics, values, "\n".join(lines))
+    if not rounds:
+        result.text = "no rounds recorded yet"
+        return result
+
+    out_dir = out_dir or tracker.cfg.home / "reports"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in metrics:
+        xs = [n for n in rounds if m in values[n]]
+        if xs:
+            ax.plot(xs, [values[n][m] for n in xs], marker="o", label=m)
+    ax.set_xlabel("round")
+    ax.set_ylabel("score")
+    ax.set_xticks(rounds)
+    ax.set_title(f"{tracker.cfg.name}: metrics by round")
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    result.plot = out_dir / f"{tracker.cfg.name}-rounds.png"
+    fig.savefig(result.plot, dpi=100)
+    plt.close(fig)
+    table = out_dir / f"{tracker.cfg.name}-rounds.md"
+    table.write_text(result.text + "\n", encoding="utf-8")
+    summary = tracker.summary_run()
+    tracker.log_artifact(summary, result.plot, "comparison")
+    tracker.log_artifact(summary, table, "comparison")
+    return result

@@ -1,0 +1,295 @@
+"""The model registry is the flywheel's state: versions, lineage tags, aliases, promotion.
+
+Registered models: `<name>-base` (mid-trained bases) and `<name>-rl` (RL checkpoints).
+Aliases: `<name>-rl@reference` is the current ReMiT reference; `@round-N` on both models;
+`@candidate` on the newest RL version until promotion decides. A scheduled round reads
+everything it needs from here (`next_round`), never from local files or flow parameters.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import FlywheelConfig
+from flywheel.errors import FlywheelError
+from flywheel.tracking.store import Tracker, code_version
+
+T_ROUND = "flywheel.round"
+T_STAGE = "flywheel.stage"
+T_REFERENCE = "flywheel.reference_version"
+T_BASE_SOURCE = "flywheel.base_source"
+T_BASE_VERSION = "flywheel.base_version"
+T_DATA = "flywheel.data_fingerprint"
+T_CONFIG = "flywheel.config_hash"
+T_CODE = "flywheel.code_version"
+T_RUN = "flywheel.run_id"
+T_KEY = "flywheel.checkpoint_key"
+T_PROMOTION = "flywheel.promotion"
+T_METRIC_PREFIX = "flywheel.metric."
+
+
+def base_model_name(cfg: FlywheelConfig) -> str:
+    return f"{cfg.name}-base"
+
+
+def rl_model_name(cfg: FlywheelConfig) -> str:
+    return f"{cfg.name}-rl"
+
+
+def _not_found(exc: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()
+
+
+def get_alias(tracker: Tracker, model: str, alias: str) -> Any | None:
+    """The version behind `model@alias`, or None when the model or alias does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.client.get_model_version_by_alias(model, alias)
+    except MlflowException as exc:
+        if _not_found(exc) or "alias" in str(exc).lower():
+            return None
+        raise
+
+
+def _ensure_registered_model(tracker: Tracker, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracker.client.get_registered_model(name)
+    except MlflowException:
+        try:
+            tracker.client.create_registered_model(name, tags={"flywheel": tracker.cfg.name})
+        except MlflowException as exc:  # created concurrently
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc).lower():
+                raise
+
+
+def find_version(tracker: Tracker, model: str, key: str) -> Any | None:
+    """The version registered earlier for the same checkpoint key (reruns never duplicate versions)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = tracker.client.search_model_versions(f"name = '{model}' and tags.`{T_KEY}` = '{key}'")
+    except MlflowException:
+        return None
+    return found[0] if found else None
+
+
+def register_checkpoint(tracker: Tracker, *, model: str, checkpoint: Path, run_id: str, round_n: int, stage: str,
+                        key: str, tags: dict[str, str], candidate: bool = False) -> Any:
+    """Create (once per checkpoint key) a version of `model` from a checkpoint folder and alias it `round-N`.
+
+    With `tracking.register_by_reference` the version points at the folder where it already is;
+    otherwise the folder is logged as the run's `checkpoint` artefact and the version points there.
+    """
+    existing = find_version(tracker, model, key)
+    if existing is not None:
+        return existing
+    _ensure_registered_model(tracker, model)
+    if tracker.cfg.tracking.register_by_reference:
+        source = Path(checkpoint).resolve().as_uri()
+    else:
+        tracker.log_artifact(run_id, Path(checkpoint), "checkpoint")
+        source = tracker.artifact_uri(run_id, "checkpoint")
+    all_tags = {T_ROUND: str(round_n), T_STAGE: stage, T_CONFIG: tracker.cfg.section_hash(),
+                T_CODE: code_version(), T_RUN: run_id, T_KEY: key, **tags}
+    version = tracker.client.create_model_version(model, source, run_id=run_id, tags=all_tags)
+    tracker.client.set_registered_model_alias(model, f"round-{round_n}", version.version)
+    if candidate:
+        tracker.client.set_registered_model_alias(model, "candidate", version.version)
+    return version
+
+
+def version_path(tracker: Tracker, version: Any) -> Path:
+    """A local folder holding a version's checkpoint: in place when local, else downloaded once."""
+    source = version.source
+    if source.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        local = Path(unquote(urlparse(source).path))
+        if local.is_dir():
+            return local
+    if Path(source).is_dir():
+        return Path(source)
+    import mlflow.artifacts
+
+    dst = tracker.cfg.home / "cache" / "registry" / f"{version.name}-v{version.version}"
+    if not (dst / "config.json").exists() and not any(dst.rglob("config.json")):
+        dst.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                            tracking_uri=tracker.client._tracking_client.tracking_uri)
+    configs = sorted(dst.rglob("config.json"))
+    if not configs:
+        raise FlywheelError(f"models:/{version.name}/{version.version}: no checkpoint (config.json) in its artefacts")
+    return configs[0].parent
+
+
+# --- promotion ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    candidate_version: str
+    previous_version: str | None
+    candidate_value: float
+    previous_value: float | None
+    reason: str
+
+
+@contextmanager
+def _promotion_lock(cfg: FlywheelConfig):
+    """Serialise promotions of one flywheel on this machine (MLflow aliases have no compare-and-set).
+
+    Across machines, the Prefect flow's global concurrency limit runs one round at a time.
+    """
+    path = cfg.home / "locks" / f"promote-{cfg.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def version_metric(version: Any, metric: str) -> float | None:
+    value = version.tags.get(T_METRIC_PREFIX + metric)
+    return float(value) if value is not None else None
+
+
+def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_run_id: str | None = None,
+            force: bool | None = None) -> PromotionDecision:
+    """Move `@reference` to the candidate unless its metric is worse than the reference's by more than min_delta."""
+    cfg = tracker.cfg
+    model = rl_model_name(cfg)
+    metric = cfg.promotion.metric
+    force = cfg.promotion.force if force is None else force
+    if metric not in metrics:
+        raise FlywheelError(f"promotion.metric: '{metric}' is not among the candidate's metrics "
+                            f"({', '.join(sorted(metrics)) or 'none'}); pick one of those")
+    value = float(metrics[metric])
+    client = tracker.client
+    for k, v in metrics.items():
+        client.set_model_version_tag(model, str(candidate.version), T_METRIC_PREFIX + k, str(v))
+    with _promotion_lock(cfg):
+        current = get_alias(tracker, model, "reference")
+        prev_value = version_metric(current, metric) if current is not None else None
+        if current is not None and str(current.version) == str(candidate.version):
+            decision = PromotionDecision(True, str(candidate.version), str(current.version), value, prev_value,
+                                         "already the reference")
+        elif current is None:
+            decision = PromotionDecision(True, str(candidate.version), None, value, None, "first reference of this flywheel")
+        elif force:
+            decision = PromotionDecision(True, str(candidate.version), str(current.version), value, prev_value,
+                                         f"forced (promotion.force); {metric} {value:.4f} vs {prev_value}")
+        elif prev_value is None or value >= prev_value - cfg.promotion.min_delta:
+            decision = PromotionDecision(True, str(candidate.version), str(current.version), value, prev_value,
+                                         f"{metric} {value:.4f} >= reference v{str(current.version)} {prev_value} - "
+                                         f"min_delta {cfg.promotion.min_delta:g}")
+        else:
+            decision = PromotionDecision(False, str(candidate.version), str(current.version), value, prev_value,
+                                         f"{metric} {value:.4f} < reference v{str(current.version)} {prev_value:.4f} - "
+                                         f"min_delta {cfg.promotion.min_delta:g}; kept v{str(current.version)}")
+        if decision.promoted:
+            client.set_registered_model_alias(model, "reference", str(candidate.version))
+        pending = get_alias(tracker, model, "candidate")
+        if pending is not None and str(pending.version) == str(candidate.version):
+            client.delete_registered_model_alias(model, "candidate")  # promotion has decided
+        verdict = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
+        client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, verdict)
+        if round_run_id:
+            tracker.set_tags(round_run_id, {T_PROMOTION: verdict, "flywheel.promoted": str(decision.promoted).lower()})
+    return decision
+
+
+# --- reading the state -------------------------------------------------------------------------
+
+
+@dataclass
+class RoundPlan:
+    """What the next round does, derived from the registry alone."""
+
+    round: int
+    reference_version: str | None
+    reference_path: Path | None
+    base: str
+    base_version: str | None
+
+    @property
+    def objective_note(self) -> str:
+        return "NTP (round 0: no reference yet)" if self.reference_version is None else \
+            f"ReMiT guided by {self.reference_version}"
+
+
+def rl_versions(tracker: Tracker) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(tracker.client.search_model_versions(f"name = '{rl_model_name(tracker.cfg)}'"))
+    except MlflowException:
+        return []
+
+
+def next_round(tracker: Tracker) -> RoundPlan:
+    """The round to run next (one past the newest round with an RL version), its reference and base."""
+    cfg = tracker.cfg
+    rounds = [int(v.tags.get(T_ROUND, -1)) for v in rl_versions(tracker)]
+    n = max(rounds) + 1 if rounds else 0
+    ref = get_alias(tracker, rl_model_name(cfg), "reference")
+    ref_path = version_path(tracker, ref) if ref is not None else None
+    base, base_version = cfg.model.source, None
+    if cfg.midtrain.start_from == "previous" and n > 0:
+        prev = get_alias(tracker, base_model_name(cfg), f"round-{n - 1}")
+        if prev is not None:
+            base, base_version = str(version_path(tracker, prev)), str(prev.version)
+    return RoundPlan(n, f"{rl_model_name(cfg)}/{ref.version}" if ref else None, ref_path, base, base_version)
+
+
+def lineage(tracker: Tracker, version: str | None = None) -> list[str]:
+    """The chain behind an RL version: RL vN ← base vM (round k, guided by RL vK) ← … ← the pre-anneal base."""
+    cfg = tracker.cfg
+    client = tracker.client
+    rl, base = rl_model_name(cfg), base_model_name(cfg)
+    if version is None:
+        cur = get_alias(tracker, rl, "reference")
+        if cur is None:
+            raise FlywheelError(f"{rl}: no @reference yet; run a round first (or pass --version)")
+        version = str(cur.version)
+    lines: list[str] = []
+    seen: set[str] = set()
+    while version and version not in seen:
+        seen.add(version)
+        v = client.get_model_version(rl, version)
+        rnd = v.tags.get(T_ROUND, "?")
+        promo = v.tags.get(T_PROMOTION, "not yet decided")
+        lines.append(f"{rl} v{version} (round {rnd}; {promo})")
+        base_v = v.tags.get(T_BASE_VERSION)
+        if not base_v:
+            lines.append(f"  ← {v.tags.get(T_BASE_SOURCE, 'unknown base')}")
+            break
+        b = client.get_model_version(base, base_v)
+        ref = b.tags.get(T_REFERENCE, "none")
+        guided = "NTP, no reference" if ref in ("none", "") else f"guided by {rl} v{ref}"
+        lines.append(f"  ← {base} v{base_v} (round {b.tags.get(T_ROUND, '?')}, {guided}; "
+                     f"data {b.tags.get(T_DATA, '?')})")
+        if ref in ("none", ""):
+            lines.append(f"  ← pre-anneal base {b.tags.get(T_BASE_SOURCE, '?')}")
+            break
+        version = ref
+    return lines
+
+
+def load_reference_model(tracker: Tracker):  # noqa: ANN201 - a transformers model
+    """`<name>-rl@reference` as a model, the way a round (or a user) loads it."""
+    from transformers import AutoModelForCausalLM
+
+    ref = get_alias(tracker, rl_model_name(tracker.cfg), "reference")
+    if ref is None:
+        raise FlywheelError(f"{rl_model_name(tracker.cfg)}@reference does not exist yet; run round 0 first")
+    return AutoModelForCausalLM.from_pretrained(version_path(tracker, ref), use_safetensors=True)

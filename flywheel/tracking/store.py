@@ -1,0 +1,203 @@
+"""MLflow run layout: one experiment per flywheel, a `round-N` parent run per round, a child per stage.
+
+The embedded default is SQLite plus a local artefact root under `home/mlflow`; a team sets
+`tracking.uri` (or MLFLOW_TRACKING_URI) to their server and nothing else changes. We talk to
+MLflow through an explicit `MlflowClient` (no global active run), so stages running in
+Prefect task threads or other workers never step on each other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import FlywheelConfig
+
+ROUND_TAG = "flywheel.round"
+STAGE_TAG = "flywheel.stage"
+SUMMARY_TAG = "flywheel.summary"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(cfg: FlywheelConfig) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else the embedded SQLite store under home."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{cfg.home / 'mlflow' / 'mlflow.db'}"
+
+
+def is_embedded(cfg: FlywheelConfig) -> bool:
+    return tracking_uri(cfg).startswith("sqlite:///") and not cfg.tracking.uri and not os.environ.get(
+        "MLFLOW_TRACKING_URI"
+    )
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout: which code made an artefact."""
+    from importlib.metadata import version
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version('flywheel')}+{commit}" if commit else version("flywheel")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → `section.field` params (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+@dataclass
+class Tracker:
+    """The flywheel's MLflow experiment and the client that writes to it."""
+
+    cfg: FlywheelConfig
+    client: Any
+    experiment_id: str
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def _find_run(self, filter_string: str) -> Any | None:
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def round_run(self, round_n: int) -> str:
+        """The parent run of round N (created once; reruns of the round log into the same run)."""
+        found = self._find_run(f"tags.`{ROUND_TAG}` = '{round_n}' and tags.`{STAGE_TAG}` = 'round'")
+        if found:
+            return found.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"round-{round_n}",
+                                     tags={ROUND_TAG: str(round_n), STAGE_TAG: "round"})
+        return run.info.run_id
+
+    def summary_run(self) -> str:
+        """One run per flywheel holding round-level metrics with step=N (MLflow charts them against rounds)."""
+        found = self._find_run(f"tags.`{SUMMARY_TAG}` = 'true'")
+        if found:
+            return found.info.run_id
+        return self.client.create_run(self.experiment_id, run_name="flywheel-summary",
+                                      tags={SUMMARY_TAG: "true", STAGE_TAG: "summary"}).info.run_id
+
+    @contextmanager
+    def stage_run(self, round_n: int, stage: str, params: dict[str, Any] | None = None) -> Iterator[str]:
+        """A child run of round N for one stage; FINISHED on success, FAILED if the body raises."""
+        parent = self.round_run(round_n)
+        run = self.client.create_run(self.experiment_id, run_name=stage,
+                                     tags={ROUND_TAG: str(round_n), STAGE_TAG: stage, PARENT_TAG: parent})
+        run_id = run.info.run_id
+        if params:
+            self.log_params(run_id, params)
+        try:
+            yield run_id
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def stage_runs(self, round_n: int) -> list[Any]:
+        parent = self.round_run(round_n)
+        return list(self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'"))
+
+    def round_runs(self) -> dict[int, Any]:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{STAGE_TAG}` = 'round'")
+        return {int(r.data.tags[ROUND_TAG]): r for r in runs}
+
+    # --- logging ------------------------------------------------------------------------------
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_history(self, run_id: str, history: list[dict[str, Any]], prefix: str = "") -> None:
+        """A Trainer's log_history as step metrics: the stage's training curves."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(f"{prefix}{k}", float(v), now, int(h.get("step", 0)))
+            for h in history
+            for k, v in h.items()
+            if k not in ("step", "epoch") and isinstance(v, int | float)
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_dataset(self, run_id: str, path: Path, name: str, fingerprint: str, context: str = "training") -> None:
+        """Record a dataset file as a run input with its fingerprint as the digest."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # MLflow warns that local sources are "experimental"
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(path).resolve()))
+        ds = MetaDataset(source=source, name=name, digest=fingerprint)
+        self.client.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(),
+                                                     [InputTag("mlflow.data.context", context)])])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def artifact_uri(self, run_id: str, artifact_path: str) -> str:
+        return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def open_tracker(cfg: FlywheelConfig) -> Tracker:
+    """Connect to the flywheel's tracking store, creating the experiment (and the embedded store) once."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is not None:
+        return Tracker(cfg, client, exp.experiment_id)
+    location = (cfg.home / "mlflow" / "artifacts").resolve().as_uri() if is_embedded(cfg) else None
+    try:
+        exp_id = client.create_experiment(cfg.name, artifact_location=location)
+    except Exception:  # another process created it first
+        exp_id = client.get_experiment_by_name(cfg.name).experiment_id
+    return Tracker(cfg, client, exp_id)

@@ -1,0 +1,268 @@
+"""Lineage and promotion against a real MLflow (SQLite in a temp dir, and one real `mlflow server`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flywheel.errors import FlywheelError
+from flywheel.tracking.compare import compare, log_round_metrics
+from flywheel.tracking.registry import (
+    T_BASE_SOURCE,
+    T_BASE_VERSION,
+    T_DATA,
+    T_PROMOTION,
+    T_REFERENCE,
+    base_model_name,
+    get_alias,
+    lineage,
+    next_round,
+    promote,
+    register_checkpoint,
+    rl_model_name,
+    version_path,
+)
+from flywheel.tracking.store import open_tracker
+from flywheel.world.model import tiny_random_model
+
+from .conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def checkpoints(small_world, tmp_path_factory):
+    """Real tiny checkpoints (random Llamas with the world tokenizer), one per simulated stage output."""
+    _, report = small_world
+    tok = AutoTokenizer.from_pretrained(report.paths.tokenizer)
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for i in range(8):
+        folder = root / f"ckpt-{i}"
+        tiny_random_model("llama", tok, seed=i, hidden=32, layers=1).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[i] = folder
+    return out
+
+
+def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_version=None, key=None):
+    """What a round leaves in MLflow: a mid-trained base, an RL candidate, evaluation, promotion."""
+    cfg = tracker.cfg
+    key = key or f"r{round_n}"
+    with tracker.stage_run(round_n, "midtrain", {"midtrain": cfg.midtrain.model_dump(mode="json")}) as run:
+        tracker.log_history(run, [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}])
+        base_v = register_checkpoint(tracker, model=base_model_name(cfg), checkpoint=base_ckpt, run_id=run,
+                                     round_n=round_n, stage="midtrain", key=f"base-{key}",
+                                     tags={T_REFERENCE: reference_version or "none",
+                                           T_BASE_SOURCE: cfg.model.source, T_DATA: "data123"})
+    with tracker.stage_run(round_n, "posttrain/sft") as run:
+        rl_v = register_checkpoint(tracker, model=rl_model_name(cfg), checkpoint=rl_ckpt, run_id=run,
+                                   round_n=round_n, stage="posttrain", key=f"rl-{key}",
+                                   tags={T_BASE_VERSION: str(base_v.version), T_BASE_SOURCE: cfg.model.source},
+                                   candidate=True)
+    log_round_metrics(tracker, round_n, {"eval/avg": score, "eval/world_gsm/exact_match": score}, "post")
+    with tracker.stage_run(round_n, "promote"):
+        decision = promote(tracker, rl_v, {"eval/avg": score}, round_run_id=tracker.round_run(round_n))
+    return base_v, rl_v, decision
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return open_tracker(small_config(tmp_path / "home", name="fw"))
+
+
+def test_two_rounds_leave_tags_aliases_and_lineage(tracker, checkpoints):
+    assert next_round(tracker).round == 0
+    b0, r0, d0 = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.20)
+    assert d0.promoted and "first reference" in d0.reason
+    plan = next_round(tracker)
+    assert plan.round == 1 and plan.reference_version == f"fw-rl/{r0.version}"
+    b1, r1, d1 = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.30, reference_version=str(r0.version))
+    assert d1.promoted
+    client = tracker.client
+    assert client.get_model_version_by_alias("fw-rl", "reference").version == r1.version
+    assert client.get_model_version_by_alias("fw-rl", "round-1").version == r1.version
+    assert client.get_model_version_by_alias("fw-base", "round-0").version == b0.version
+    assert get_alias(tracker, "fw-rl", "candidate") is None  # promotion decided
+    base1 = client.get_model_version("fw-base", b1.version)
+    for tag in ("flywheel.round", "flywheel.stage", "flywheel.reference_version", "flywheel.base_source",
+                "flywheel.data_fingerprint", "flywheel.config_hash", "flywheel.code_version", "flywheel.run_id"):
+        assert tag in base1.tags, tag
+    assert base1.tags["flywheel.reference_version"] == str(r0.version)  # round 1 guided by round 0's RL model
+    assert client.get_model_version("fw-base", b0.version).tags["flywheel.reference_version"] == "none"
+    chain = lineage(tracker)
+    assert chain[0].startswith(f"fw-rl v{r1.version} (round 1")
+    assert f"guided by fw-rl v{r0.version}" in chain[1]
+    assert "NTP, no reference" in chain[3] and chain[-1].startswith("  ← pre-anneal base world:nano")
+    stages = {r.data.tags["flywheel.stage"] for r in tracker.stage_runs(1)}
+    assert stages == {"midtrain", "posttrain/sft", "promote"}
+    midtrain_run = next(r for r in tracker.stage_runs(1) if r.data.tags["flywheel.stage"] == "midtrain")
+    assert midtrain_run.data.params["midtrain.epsilon"] == "0.2"
+    assert [m.value for m in client.get_metric_history(midtrain_run.info.run_id, "loss")] == [3.0, 2.5]
+
+
+def test_gate_refuses_a_regression_records_why_and_force_overrides(tracker, checkpoints):
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
+    ref_before = str(tracker.client.get_model_version_by_alias("fw-rl", "reference").version)
+    _, bad, decision = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.10, reference_version=ref_before)
+    assert not decision.promoted
+    assert str(tracker.client.get_model_version_by_alias("fw-rl", "reference").version) == ref_before
+    tag = tracker.client.get_model_version("fw-rl", bad.version).tags[T_PROMOTION]
+    assert tag.startswith("rejected: eval/avg 0.1000 < reference")
+    assert tracker.round_runs()[1].data.tags[T_PROMOTION] == tag
+    forced = promote(tracker, bad, {"eval/avg": 0.10}, force=True)
+    assert forced.promoted and "forced" in forced.reason
+    assert tracker.client.get_model_version_by_alias("fw-rl", "reference").version == bad.version
+
+
+def test_min_delta_tolerates_a_small_drop(tmp_path, checkpoints):
+    tracker = open_tracker(small_config(tmp_path / "h", name="fw", promotion={"min_delta": 0.05}))
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
+    _, _, decision = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.27)
+    assert decision.promoted
+
+
+def test_unknown_promotion_metric_is_a_clear_error(tracker, checkpoints):
+    _, rl, _ = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.3)
+    with pytest.raises(FlywheelError, match="promotion.metric: 'eval/avg' is not among"):
+        promote(tracker, rl, {"eval/other": 1.0})
+
+
+def test_racing_promotions_leave_one_consistent_winner_and_both_recorded(tracker, checkpoints):
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.20)
+    cfg = tracker.cfg
+    versions = []
+    for rnd, r in ((1, 3), (2, 5)):
+        with tracker.stage_run(rnd, "posttrain") as run:
+            versions.append(register_checkpoint(tracker, model=rl_model_name(cfg), checkpoint=checkpoints[r],
+                                                run_id=run, round_n=rnd, stage="posttrain", key=f"race{rnd}",
+                                                tags={}))
+    scores = {str(versions[0].version): 0.30, str(versions[1].version): 0.25}
+    barrier = threading.Barrier(2)
+    decisions = {}
+
+    def race(v):
+        t = open_tracker(cfg)  # each contender has its own client, as two workers would
+        barrier.wait()
+        decisions[str(v.version)] = promote(t, v, {"eval/avg": scores[str(v.version)]})
+
+    threads = [threading.Thread(target=race, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(decisions) == set(scores)
+    winner = str(tracker.client.get_model_version_by_alias("fw-rl", "reference").version)
+    assert decisions[winner].promoted
+    for v in versions:  # both decisions are recorded on their versions
+        assert tracker.client.get_model_version("fw-rl", v.version).tags[T_PROMOTION].startswith(
+            "promoted" if decisions[str(v.version)].promoted else "rejected")
+    # Consistent with one serial order: the loser either was rejected against the winner, or was
+    # promoted first and then replaced by the winner (which compared against it).
+    loser = next(v for v in scores if v != winner)
+    assert (not decisions[loser].promoted and decisions[loser].previous_version == winner) or \
+           (decisions[loser].promoted and decisions[winner].previous_version == loser)
+
+
+def test_rerunning_a_registration_does_not_duplicate_versions(tracker, checkpoints):
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2, key="same")
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2, key="same")
+    assert len(tracker.client.search_model_versions("name = 'fw-rl'")) == 1
+    assert len(tracker.client.search_model_versions("name = 'fw-base'")) == 1
+
+
+def test_reference_loads_back_with_download_artifacts_and_from_pretrained(tracker, checkpoints, monkeypatch):
+    import mlflow
+    import torch
+
+    from flywheel.tracking.store import tracking_uri
+
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)
+    # What a user does before loading by alias; mlflow exports these to the environment, so let
+    # monkeypatch restore them and keep other tests on their own stores.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(tracker.cfg))
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking_uri(tracker.cfg))
+    mlflow.set_tracking_uri(tracking_uri(tracker.cfg))
+    mlflow.set_registry_uri(tracking_uri(tracker.cfg))
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/fw-rl@reference")
+    model = AutoModelForCausalLM.from_pretrained(local)
+    original = AutoModelForCausalLM.from_pretrained(checkpoints[1])
+    for (n, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    ref = get_alias(tracker, "fw-rl", "reference")
+    assert (version_path(tracker, ref) / "model.safetensors").exists()
+
+
+def test_register_by_reference_points_at_the_folder_without_copying(tmp_path, checkpoints):
+    tracker = open_tracker(small_config(tmp_path / "h", name="fw", tracking={"register_by_reference": True}))
+    _, rl, _ = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)
+    assert version_path(tracker, rl) == checkpoints[1].resolve()
+    assert not list((tmp_path / "h" / "mlflow" / "artifacts").rglob("model.safetensors"))
+
+
+def test_next_round_with_start_from_previous_uses_the_previous_rounds_base(tmp_path, checkpoints):
+    tracker = open_tracker(small_config(tmp_path / "h", name="fw", midtrain={"start_from": "previous"}))
+    b0, _, _ = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)
+    plan = next_round(tracker)
+    assert plan.round == 1 and plan.base_version == str(b0.version)
+    assert (Path(plan.base) / "config.json").exists()
+
+
+def test_compare_tabulates_deltas_writes_a_png_and_logs_both(tracker, checkpoints, tmp_path):
+    r0 = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.20)[1]
+    simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.35, reference_version=str(r0.version))
+    result = compare(tracker, out_dir=tmp_path / "rep")
+    assert result.rounds == [0, 1]
+    row = next(line for line in result.text.splitlines() if line.startswith("post/eval/avg |"))
+    assert row.split(" | ") == ["post/eval/avg", "0.2000", "0.3500", "+0.1500", "+0.1500"]
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    arts = {a.path for a in tracker.client.list_artifacts(tracker.summary_run(), "comparison")}
+    assert arts == {"comparison/fw-rounds.png", "comparison/fw-rounds.md"}
+    history = tracker.client.get_metric_history(tracker.summary_run(), "post/eval/avg")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.20), (1, 0.35)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_same_code_works_against_a_real_mlflow_server(tmp_path, checkpoints):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", (tmp_path / "server-artifacts").as_uri()],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow server did not come up") from None
+                time.sleep(0.5)
+        cfg = small_config(tmp_path / "home", name="team", tracking={"uri": f"http://127.0.0.1:{port}"})
+        tracker = open_tracker(cfg)
+        _, r0, d0 = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)
+        assert d0.promoted
+        assert next_round(tracker).round == 1
+        assert tracker.client.get_model_version_by_alias("team-rl", "reference").version == r0.version
+        assert not (tmp_path / "home" / "mlflow").exists()  # nothing went to the embedded store
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
