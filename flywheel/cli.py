@@ -170,18 +170,98 @@ def ui(
     serve_uis(cfg, mlflow_port, prefect_port, console.print)
 
 
+def _prefect_env(cfg: FlywheelConfig) -> None:
+    """Flows record to the flywheel's own embedded Prefect store unless a server is configured."""
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(cfg.home / "prefect"))
+    os.environ.setdefault("FLYWHEEL_HOME", str(cfg.home))
+
+
+@app.command("round")
+def round_cmd(
+    config: ConfigArg,
+    round_n: Annotated[int | None, typer.Option("--round", help="Round number (default: the registry's next).")] = None,
+) -> None:
+    """Run one flywheel round through the Prefect flow."""
+    cfg = _load(config)
+    _prefect_env(cfg)
+    from flows.round import flywheel_round
+
+    result = flywheel_round(str(config), round=round_n)
+    console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"))
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigArg,
+    rounds: Annotated[int, typer.Option(help="Run rounds until this many exist (round 0 included).")] = 3,
+) -> None:
+    """Build the world if needed, then run rounds until N exist; running again with a larger N continues."""
+    cfg = _load(config)
+    _prefect_env(cfg)
+    from flows.round import flywheel
+
+    flywheel(str(config), rounds_total=rounds)
+    _print_comparison(cfg)
+
+
+def _print_comparison(cfg: FlywheelConfig) -> None:
+    from flywheel.tracking.compare import compare as run_compare
+    from flywheel.tracking.store import open_tracker
+
+    result = run_compare(open_tracker(cfg), prefix="post/")
+    console.print(result.text, markup=False, highlight=False)
+    if result.plot:
+        console.print(f"plot: {result.plot}")
+
+
+@app.command()
+def serve(
+    config: ConfigArg,
+    cron: Annotated[str, typer.Option(help="Schedule of flywheel-scheduled.")] = "0 3 * * *",
+) -> None:
+    """Serve the flywheel-round and flywheel-scheduled deployments from this process."""
+    cfg = _load(config)
+    _prefect_env(cfg)
+    from flows.deploy import serve as serve_deployments
+
+    serve_deployments(str(config), cron)
+
+
+@app.command()
+def deploy(
+    config: ConfigArg,
+    work_pool: Annotated[str, typer.Option(help="A process work pool on the server.")] = "flywheel-pool",
+    cron: Annotated[str, typer.Option(help="Schedule of flywheel-scheduled.")] = "0 3 * * *",
+) -> None:
+    """Register both deployments with the Prefect server at PREFECT_API_URL."""
+    _load(config)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise FlywheelError("PREFECT_API_URL: not set; point it at your Prefect server (or use `flywheel serve`)")
+    from flows.deploy import deploy as deploy_flows
+
+    for dep_id in deploy_flows(str(config), work_pool, cron):
+        console.print(f"deployment {dep_id}")
+    console.print(f"start a worker: prefect worker start --pool {work_pool}")
+
+
 @app.command()
 def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
-    """Offline demo: build the tiny world, then run flywheel rounds (rounds land with the flows issue)."""
+    """Offline demo: build the tiny world, run rounds 0, 1 (ReMiT-1) and 2 (ReMiT-2), print the comparison."""
+    import time
+
+    t0 = time.perf_counter()
     cfg = _load(config)
     _print_summary(cfg, f"{config}")
+    _prefect_env(cfg)
     from flywheel.world.build import build_world
 
     _print_world_report(build_world(cfg))
-    console.print(
-        "[yellow]not yet implemented:[/] the round flow (mid-train → post-train → evaluate → promote) "
-        "lands with the Prefect flows issue; the tiny world above is what it will run on."
-    )
+    from flows.round import flywheel
+
+    flywheel(str(config), rounds_total=3)
+    _print_comparison(cfg)
+    console.print(f"demo took {time.perf_counter() - t0:.0f} s. See every run: flywheel ui {config}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,8 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
         result.metrics = {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": history,
-                          "objective": mt.objective, "base": base, "reference": reference}
+                          "objective": mt.objective, "base": base, "reference": reference,
+                          "corpus": corpus.key, "resumed_from": resume}
         if diagnostics is not None:
             result.html = diagnostics.write_html(run_dir / "remit-weights.html",
                                                  f"{cfg.name}: {mt.objective} token weights", mt.epsilon)

@@ -1,0 +1,199 @@
+"""The flywheel through Prefect for real: a server on 127.0.0.1, deployments, triggers, a crash and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import SMALL_WORLD
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A round small enough for the test suite: a few steps of every stage, a few eval items.
+TINY_ROUND = {
+    "midtrain": {"token_budget": 8192, "seq_len": 128, "batch_size": 8, "checkpoint_every": 4},
+    "posttrain": {"stages": [
+        {"kind": "sft", "max_steps": 3, "batch_size": 8},
+        {"kind": "grpo", "max_steps": 2, "batch_size": 8, "lr": 5e-5,
+         "args": {"num_generations": 4, "max_completion_length": 16}},
+    ]},
+    "evaluation": {"tasks": ["world"], "limit": 5, "batch_size": 16},
+    "promotion": {"min_delta": 1.0},  # always promote, so the test does not depend on tiny-model noise
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{url}: server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url}: no answer in {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 with its own PREFECT_HOME; this process talks to it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/health", proc)
+        api = f"http://127.0.0.1:{port}/api"
+        old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        yield api
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    finally:
+        _stop(proc)
+
+
+def write_config(path: Path, home: Path, name: str, **extra) -> Path:
+    doc = {"name": name, "seed": 0, "home": str(home), "world": dict(SMALL_WORLD), **TINY_ROUND, **extra}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _registry(cfg_path: Path):
+    from flywheel.config import load_config
+    from flywheel.tracking.store import open_tracker
+
+    return open_tracker(load_config(cfg_path))
+
+
+def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server, small_world, tmp_path):
+    from prefect.deployments import run_deployment
+
+    from flywheel.tracking.registry import lineage
+
+    cfg, _ = small_world
+    config = write_config(tmp_path / "fw.yaml", cfg.home, "served")
+    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    server = subprocess.Popen([str(BIN / "flywheel"), "serve", str(config)], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        first = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=600,
+                               poll_interval=2)
+        assert first.state.is_completed(), first.state
+        # Two triggers at once, as from the UI and the schedule: they must become rounds 1 and 2.
+        a = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=0)
+        b = run_deployment("flywheel-round/flywheel-scheduled", timeout=0)
+        from prefect import get_client
+
+        deadline = time.time() + 900
+        with get_client(sync_client=True) as client:
+            while True:
+                states = [client.read_flow_run(r.id).state for r in (a, b)]
+                if all(s.is_final() for s in states) or time.time() > deadline:
+                    break
+                time.sleep(2)
+        assert all(s.is_completed() for s in states), states
+    finally:
+        _stop(server)
+    tracker = _registry(config)
+    versions = tracker.client.search_model_versions("name = 'served-rl'")
+    assert sorted(int(v.tags["flywheel.round"]) for v in versions) == [0, 1, 2]  # no round ran twice
+    ref = tracker.client.get_model_version_by_alias("served-rl", "reference")
+    assert ref.tags["flywheel.round"] == "2"
+    base2 = tracker.client.get_model_version_by_alias("served-base", "round-2")
+    round1_rl = tracker.client.get_model_version_by_alias("served-rl", "round-1")
+    assert base2.tags["flywheel.reference_version"] == str(round1_rl.version)  # round 2 guided by round 1
+    chain = lineage(tracker)
+    assert "round 2" in chain[0] and f"guided by served-rl v{round1_rl.version}" in chain[1]
+
+
+def _weights(folder: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_a_killed_round_resumes_from_cache_and_checkpoint_and_ends_like_an_uninterrupted_one(
+        prefect_server, small_world, tmp_path):
+    import torch
+
+    cfg, _ = small_world
+    extra = {"midtrain": {**TINY_ROUND["midtrain"], "token_budget": 61_440, "checkpoint_every": 5}}
+    crashy = write_config(tmp_path / "crashy.yaml", cfg.home, "crashy", **extra)
+    cmd = [str(BIN / "flywheel"), "round", str(crashy)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    runs = cfg.home / "runs" / "crashy"
+    deadline = time.time() + 300
+    while not list(runs.glob("midtrain-*/checkpoints/checkpoint-5")):
+        assert proc.poll() is None, "the round ended before it could be killed"
+        assert time.time() < deadline, "mid-training never checkpointed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a real kill: no cleanup, no exception handlers
+    proc.wait(timeout=30)
+    assert not list(runs.glob("midtrain-*/model"))
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (metrics_path,) = runs.glob("midtrain-*/metrics.json")
+    assert json.loads(metrics_path.read_text())["resumed_from"].endswith("checkpoint-5")
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_runs = [r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
+                     if r.parameters.get("config") == str(crashy)]
+        rerun = flow_runs[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[rerun.id])))
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}
+    assert states.get("score-reference") == "Cached", states  # finished before the kill: not run again
+    assert states.get("midtrain") == "Completed", states  # was running: resumed from its checkpoint
+
+    clean = write_config(tmp_path / "clean.yaml", cfg.home, "clean", **extra)
+    done = subprocess.run([str(BIN / "flywheel"), "round", str(clean)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    t_crashy, t_clean = _registry(crashy), _registry(clean)
+    for model in ("base", "rl"):
+        a = t_crashy.client.search_model_versions(f"name = 'crashy-{model}'")
+        b = t_clean.client.search_model_versions(f"name = 'clean-{model}'")
+        assert len(a) == len(b) == 1  # no duplicate versions after the crash
+    base_a = t_crashy.client.get_model_version_by_alias("crashy-base", "round-0")
+    base_b = t_clean.client.get_model_version_by_alias("clean-base", "round-0")
+    from flywheel.tracking.registry import version_path
+
+    wa, wb = _weights(version_path(t_crashy, base_a)), _weights(version_path(t_clean, base_b))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert t_crashy.client.get_model_version_by_alias("crashy-rl", "reference").tags["flywheel.round"] == "0"
