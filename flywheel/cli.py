@@ -130,6 +130,23 @@ def midtrain_cmd(
         console.print(f"token weights page: {res.html}")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    config: ConfigArg,
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint folder, world:<size> or hub id.")],
+    kind: Annotated[str, typer.Option(help="base: few-shot; post: zero-shot with the chat template.")] = "base",
+) -> None:
+    """Evaluate a checkpoint with lm-eval on the config's tasks and print the table."""
+    cfg = _load(config)
+    if kind not in ("base", "post"):
+        raise FlywheelError(f"--kind: must be base or post (got '{kind}')")
+    from flywheel.evaluation import evaluate, format_table
+
+    result = evaluate(cfg, checkpoint, kind=kind)
+    console.print(format_table(result.metrics), markup=False, highlight=False)
+    console.print(f"results: {result.results_path}\nsamples: {result.samples_path}")
+
+
 @app.command()
 def compare(config: ConfigArg) -> None:
     """Rounds × metrics with deltas against the previous round and round 0; writes and logs a PNG plot."""

@@ -1,0 +1,94 @@
+"""Which lm-eval tasks a config names: presets, the bundled offline tasks, and everything lm-eval ships.
+
+Names are checked before any model loads. The bundled names and presets are known without lm-eval;
+only a name that is neither makes us index lm-eval's 14,000+ built-in tasks (about 14 s), once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import FlywheelError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+BUNDLED = ("world_gsm", "world_mc")
+
+# name -> ((lm-eval task, few-shot examples for a base model), ...). paper10 follows the usual settings
+# of the paper's suite: GSM8K 8-shot CoT, MATH 4-shot (Minerva), GPQA 0, BBH 3-shot CoT, IFEval 0,
+# HumanEval 0, MBPP 3, TruthfulQA MC2 0, ARC-Challenge 25, MMLU-Pro 5.
+PRESETS: dict[str, tuple[tuple[str, int], ...]] = {
+    "world": (("world_gsm", 3), ("world_mc", 3)),
+    "paper10": (
+        ("gsm8k_cot", 8),
+        ("minerva_math", 4),
+        ("gpqa_main_zeroshot", 0),
+        ("bbh_cot_fewshot", 3),
+        ("ifeval", 0),
+        ("humaneval", 0),
+        ("mbpp", 3),
+        ("truthfulqa_mc2", 0),
+        ("arc_challenge", 25),
+        ("mmlu_pro", 5),
+    ),
+}
+_PRESET_SHOTS = {task: shots for members in PRESETS.values() for task, shots in members}
+# Tasks that execute model-written code (lm-eval refuses them unless the caller confirms).
+UNSAFE = ("humaneval", "mbpp")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One lm-eval task, group or tag to run, and how many examples a base model sees before each question."""
+
+    name: str
+    fewshot: int | None  # None: the task's own default
+    bundled: bool
+
+
+def _spec(name: str) -> TaskSpec:
+    return TaskSpec(name, _PRESET_SHOTS.get(name), name in BUNDLED)
+
+
+@functools.cache
+def full_task_manager() -> Any:
+    """lm-eval's built-in tasks plus ours; built once per process because indexing takes ~14 s."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=True)
+
+
+def task_manager(specs: Iterable[TaskSpec]) -> Any:
+    """Only our folder when only bundled tasks run (instant); lm-eval's defaults too otherwise."""
+    if all(s.bundled for s in specs):
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    return full_task_manager()
+
+
+def _unknown(name: str, known: list[str]) -> FlywheelError:
+    """The error for a name lm-eval does not know, with the closest names it does."""
+    close = difflib.get_close_matches(name, [*PRESETS, *known], n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"presets are {', '.join(PRESETS)}"
+    return FlywheelError(
+        f"evaluation.tasks: unknown task '{name}'; {hint} (`lm_eval ls tasks` lists every installed task)"
+    )
+
+
+def resolve_tasks(names: Iterable[str]) -> list[TaskSpec]:
+    """Expand presets and check every name, before anything expensive happens."""
+    names = list(names)
+    others = [n for n in names if n not in PRESETS and n not in BUNDLED]
+    if others:
+        known = full_task_manager().all_tasks
+        known_set = set(known)
+        for name in others:
+            if name not in known_set:
+                raise _unknown(name, known)
+    specs = [_spec(task) for n in names for task in ([t for t, _ in PRESETS[n]] if n in PRESETS else [n])]
+    return list(dict.fromkeys(specs))

@@ -1,0 +1,199 @@
+"""`evaluate(cfg, checkpoint, kind=...)`: lm-eval on one checkpoint, flat metrics out, results and samples on disk.
+
+The protocol: a base (pre-trained or mid-trained) model is evaluated few-shot on plain text; a
+post-trained model zero-shot through its chat template. Greedy decoding and fixed seeds make
+the same checkpoint and config score the same every time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from flywheel.config import FlywheelConfig
+from flywheel.data.io import fingerprint, write_json, write_jsonl
+from flywheel.errors import FlywheelError
+from flywheel.evaluation.registry import UNSAFE, TaskSpec, resolve_tasks, task_manager
+from flywheel.metrics import AVG, by_task, flatten_results, primary_metric
+
+Kind = Literal["base", "post"]
+KINDS = ("base", "post")
+SEED = 1234  # lm-eval's default few-shot/numpy/torch seed, fixed here so a rerun picks the same examples
+RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.jsonl"
+# With a chat template the prompt is the user turn: keep it exactly the question, as in the SFT data
+# (the YAML's trailing newline is the plain-text document format a base model reads).
+CHAT_PROMPTS = {"world_gsm": "{{question}}"}
+_KEEP = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+         "config", "lm_eval_version", "transformers_version")
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced: flat metrics, and where the full results and per-sample outputs are."""
+
+    metrics: dict[str, float]
+    results_path: Path
+    samples_path: Path
+    kind: str
+    checkpoint: str
+    seconds: float = 0.0
+
+
+def eval_dir(cfg: FlywheelConfig, checkpoint: str, kind: str) -> Path:
+    """The default output folder: named by what decides the scores (checkpoint, kind, evaluation settings)."""
+    key = fingerprint(checkpoint, kind, cfg.model.dtype, cfg.evaluation.model_dump(mode="json"))
+    return cfg.home / "evals" / key
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    """Mid- and post-training save the tokenizer beside the weights; older folders may not have one."""
+    return (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
+
+
+def _resolve_checkpoint(cfg: FlywheelConfig, checkpoint: str | Path) -> tuple[str, str | None]:
+    """The model to load and, when its folder has none, the tokenizer the config names; clear errors otherwise."""
+    from flywheel.models import resolve_model
+
+    ref = resolve_model(cfg, str(checkpoint))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FlywheelError(f"{checkpoint}: not a model folder (no config.json); pass a saved checkpoint folder")
+        tokenizer = None if _has_tokenizer(path) else resolve_model(cfg, cfg.model.tokenizer or cfg.model.source)
+        return str(path.resolve()), tokenizer
+    if isinstance(checkpoint, Path) or ref.startswith(("/", "./", "../", "~")):
+        raise FlywheelError(f"{checkpoint}: checkpoint folder not found; check the path")
+    return ref, None  # a hub id: loaded from the local HF cache, or the hub when online
+
+
+def _shots(spec: TaskSpec, kind: str, cfg: FlywheelConfig) -> int | None:
+    """Post-trained models answer zero-shot; bases get the config's count, else the preset's."""
+    if kind == "post":
+        return 0
+    return cfg.evaluation.num_fewshot if cfg.evaluation.num_fewshot is not None else spec.fewshot
+
+
+def _load_tasks(specs: list[TaskSpec], kind: str, cfg: FlywheelConfig, tm: Any) -> list[Any]:
+    """Build every task (and read its data) before the model loads, each with its own few-shot count."""
+    objects: list[Any] = []
+    for spec in specs:
+        try:
+            loaded = tm.load([spec.name])
+        except Exception as exc:  # dataset and hub errors come in many types; name the task either way
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FlywheelError(
+                f"evaluation task '{spec.name}': could not load its data ({first}); hub tasks need the dataset "
+                "in the local HF cache or network access"
+            ) from None
+        shots = _shots(spec, kind, cfg)
+        for name, task in loaded["tasks"].items():
+            if shots is not None:
+                task.set_config(key="num_fewshot", value=shots)
+            if kind == "post" and name in CHAT_PROMPTS:
+                task.set_config(key="doc_to_text", value=CHAT_PROMPTS[name])
+        top = loaded["groups"].get(spec.name, loaded["tasks"].get(spec.name))
+        objects += [top] if top is not None else list(loaded["tasks"].values())  # a tag: its member tasks
+    return objects
+
+
+def _jsonable(obj: Any) -> Any:
+    """lm-eval output holds tuples, numpy numbers and callables; keep what JSON can say, stringify the rest."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _sample_rows(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One row per evaluated document: the exact prompt, what the model answered, and how it scored."""
+    for task, samples in sorted(results.get("samples", {}).items()):
+        for s in samples:
+            args = s["arguments"]
+            row: dict[str, Any] = {"task": task, "doc_id": s["doc_id"], "prompt": args[0][0]}
+            continuations = [a[1] for a in args if isinstance(a[1], str)]
+            if continuations:
+                row["continuations"] = continuations
+            row.update(target=s["target"], response=s["filtered_resps"], filter=s["filter"],
+                       scores={m: s[m] for m in s["metrics"] if m in s}, doc=s["doc"])
+            yield _jsonable(row)
+
+
+def evaluate(cfg: FlywheelConfig, checkpoint: str | Path, *, kind: Kind = "base",
+             out_dir: str | Path | None = None) -> EvalResult:
+    """Run the config's lm-eval tasks on a checkpoint; task names are checked before any model loads."""
+    if kind not in KINDS:
+        raise FlywheelError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
+    t0 = time.perf_counter()
+    specs = resolve_tasks(cfg.evaluation.tasks)
+    model, tokenizer = _resolve_checkpoint(cfg, checkpoint)
+    tm = task_manager(specs)
+    tasks = _load_tasks(specs, kind, cfg, tm)
+
+    import torch
+    from lm_eval import simple_evaluate
+
+    model_args: dict[str, Any] = {"pretrained": model, "dtype": cfg.model.dtype, "use_safetensors": True,
+                                  "trust_remote_code": cfg.model.trust_remote_code}
+    if tokenizer:
+        model_args["tokenizer"] = tokenizer
+    try:
+        results = simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            task_manager=tm,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            batch_size=cfg.evaluation.batch_size,
+            limit=cfg.evaluation.limit,
+            bootstrap_iters=0,
+            apply_chat_template=kind == "post",
+            fewshot_as_multiturn=kind == "post",
+            confirm_run_unsafe_code=any(s.name in UNSAFE for s in specs),
+            random_seed=0,
+            numpy_random_seed=SEED,
+            torch_random_seed=SEED,
+            fewshot_random_seed=SEED,
+        )
+    except OSError as exc:  # transformers reports a missing or unreadable model as OSError
+        raise FlywheelError(f"{checkpoint}: could not load the model ({str(exc).splitlines()[0]})") from None
+
+    metrics = flatten_results(results)
+    folder = Path(out_dir) if out_dir is not None else eval_dir(cfg, model, kind)
+    samples_path = folder / SAMPLES_FILE
+    results_path = folder / RESULTS_FILE
+    write_jsonl(samples_path, _sample_rows(results))
+    write_json(results_path, _jsonable({
+        "checkpoint": model, "kind": kind, "tasks": [s.name for s in specs], "limit": cfg.evaluation.limit,
+        "metrics": metrics, "lm_eval": {k: results[k] for k in _KEEP if k in results},
+    }))  # fmt: skip
+    return EvalResult(metrics, results_path, samples_path, kind, model, time.perf_counter() - t0)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A plain-text table of task, metric and score (primary metrics marked, the average last) for the CLI."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for task, values in by_task(metrics).items():
+        primary = primary_metric(task, values)
+        for metric, value in values.items():
+            table.add_row(task, f"{metric} *" if metric == primary else metric, f"{value:.4f}")
+    if AVG in metrics:
+        table.add_row("average", "primary metrics (*)", f"{metrics[AVG]:.4f}", style="bold")
+    console = Console(width=100, color_system=None)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+def print_table(result: EvalResult) -> None:
+    """Print an evaluation's table with where its files are, as `flywheel evaluate` shows it."""
+    print(f"{result.kind} evaluation of {result.checkpoint} ({result.seconds:.0f} s)")
+    print(format_table(result.metrics), end="")
+    print(f"results: {result.results_path}\nsamples: {result.samples_path}")
