@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	@echo "== installing $(TORCH) (its own step, so pip never swaps in a CUDA build)"
 	@$(PIP) -q "$(TORCH)" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import torch" || { echo "torch did not install"; exit 1; }
+	@command -v bwrap >/dev/null || { echo "== installing bubblewrap (sandbox for code rewards; best effort)"; \
+	  (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || sudo -n apt-get install -y -qq bubblewrap >/dev/null 2>&1) \
+	  || echo "   bubblewrap not installed: code rewards fall back to unshare without file-system isolation"; }
 	@echo "== installing flywheel[dev]"
 	@$(PIP) -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import flywheel.cli, trl, lm_eval, mlflow, prefect" || { echo "install failed"; exit 1; }

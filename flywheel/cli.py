@@ -130,6 +130,30 @@ def midtrain_cmd(
         console.print(f"token weights page: {res.html}")
 
 
+@app.command("posttrain")
+def posttrain_cmd(
+    config: ConfigArg,
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint folder, world:<size> or hub id.")],
+) -> None:
+    """Run the configured TRL chain (sft / dpo / grpo) on a checkpoint; the last output is the RL model."""
+    cfg = _load(config)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("flywheel.posttrain").setLevel(logging.INFO)
+    from flywheel.posttrain import posttrain
+
+    res = posttrain(cfg, checkpoint)
+    table = Table(title="post-training", title_justify="left")
+    for col in ("stage", "kind", "steps", "s/step", "state"):
+        table.add_column(col)
+    for st in res.stages:
+        state = "reused" if st.reused else (f"resumed from {st.resumed_from}" if st.resumed_from else "trained")
+        table.add_row(str(st.index), st.kind, str(st.steps), f"{st.seconds_per_step:.2f}", state)
+    console.print(table)
+    console.print(f"RL checkpoint: {res.checkpoint}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     config: ConfigArg,

@@ -1,0 +1,191 @@
+"""A stage's data: from the tiny world, a local file or the hub; renamed, checked, shaped as conversations.
+
+Post-trained models are used with the chat template, so every stage trains on conversations: prompts become
+`[{"role": "user", ...}]`, completions/chosen/rejected become `[{"role": "assistant", ...}]`. Problems are
+reported before any training starts, as one sentence naming the file, the columns found and those needed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import FlywheelConfig
+from flywheel.data.io import file_fingerprint, fingerprint, read_jsonl
+from flywheel.errors import FlywheelError
+
+MESSAGE_COLUMNS = ("completion", "chosen", "rejected")
+# usual source names for the columns we need, to suggest a `columns:` mapping that is likely right
+USUAL_NAMES = {"prompt": ("question", "problem", "instruction", "input", "query"),
+               "completion": ("solution", "response", "output"), "tests": ("test_list", "test")}
+
+
+@dataclass
+class StageData:
+    """Rows ready for a TRL trainer, where they came from, and a fingerprint for the cache key."""
+
+    rows: list[dict[str, Any]]
+    source: str
+    fingerprint: str
+
+
+def read_source(cfg: FlywheelConfig, ref: str, split: str = "train", subset: str | None = None
+                ) -> tuple[list[dict[str, Any]], str, str]:
+    """Rows, a display name and a content fingerprint for `world:<corpus>`, a local file, or a hub dataset."""
+    if ref.startswith("world:"):
+        from flywheel.world.build import resolve_world_ref
+
+        path = resolve_world_ref(cfg, ref)
+        return _read_file(path), str(path), file_fingerprint(path)
+    path = Path(ref).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise FlywheelError(f"{path}: data file not found; check the path")
+        return _read_file(path), str(path), file_fingerprint(path)
+    return _read_hub(ref, split, subset)
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            first = str(exc).splitlines()[0]
+            raise FlywheelError(f"{path}: is not a readable parquet file ({first})") from None
+    elif path.suffix == ".json":
+        rows = _read_json(path)
+    else:
+        rows = read_jsonl(path)
+    if not rows:
+        raise FlywheelError(f"{path}: the file has no rows; fill it or point the stage's data elsewhere")
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON array of row objects, or one object of equal-length column lists."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+    except UnicodeDecodeError:
+        raise FlywheelError(f"{path}: is not UTF-8 text; re-encode it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise FlywheelError(f"{path}: is not valid JSON ({exc.msg} at line {exc.lineno}); fix it") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        data = [dict(zip(data, values, strict=False)) for values in zip(*data.values(), strict=False)]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise FlywheelError(f"{path}: must hold a JSON array of row objects (or an object of column lists)")
+    return data
+
+
+def _read_hub(ref: str, split: str, subset: str | None) -> tuple[list[dict[str, Any]], str, str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(ref, subset, split=split)
+    except Exception as exc:  # offline, unknown id, unknown split: all mean "cannot get it here"
+        first = str(exc).splitlines()[0]
+        raise FlywheelError(f"{ref}: could not load the hub dataset (split '{split}'): {first}; check the "
+                            "id, or download it while online (HF_DATASETS_OFFLINE is set)") from None
+    if len(ds) == 0:
+        raise FlywheelError(f"{ref}: split '{split}' has no rows; choose another split")
+    return ds.to_list(), ref, fingerprint(ref, subset, split, ds._fingerprint)
+
+
+def rename_columns(rows: list[dict[str, Any]], columns: dict[str, str], source: str, where: str
+                   ) -> list[dict[str, Any]]:
+    """Apply `stage.columns` (source name -> our name), naming any source column that does not exist."""
+    found = list(rows[0])
+    for src in columns:
+        if src not in found:
+            close = difflib.get_close_matches(src, found, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise FlywheelError(f"{where}.columns: '{src}' is not a column of {source} "
+                                f"(found: {', '.join(found)}){hint}")
+    if not columns:
+        return rows
+    return [{columns.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def check_columns(rows: list[dict[str, Any]], needs: tuple[str, ...], source: str, where: str,
+                  kind: str) -> None:
+    """Every row has every needed column with a usable value; say which, where, and how to map them."""
+    found = list(rows[0])
+    missing = [c for c in needs if c not in found]
+    if missing:
+        usual = [c for c in USUAL_NAMES.get(missing[0], ()) if c in found]
+        example = usual[0] if usual else next((c for c in found if c not in needs), found[0])
+        raise FlywheelError(
+            f"{source}: {where} ({kind}) needs column(s) {', '.join(needs)} but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (found: {', '.join(found)}); rename yours with "
+            f"{where}.columns, e.g. {{{example}: {missing[0]}}}"
+        )
+    for n, row in enumerate(rows, 1):
+        for col in needs:
+            problem = _value_problem(col, row.get(col))
+            if problem:
+                raise FlywheelError(f"{source}: row {n}, column '{col}' {problem}; fix the data or the "
+                                    f"{where}.columns mapping")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _value_problem(col: str, value: Any) -> str | None:
+    """What is wrong with one cell, or None."""
+    if value is None or value == "" or value == []:
+        return "is empty"
+    if col == "messages":
+        return None if _is_messages(value) else "must be a list of {role, content} messages"
+    if col in ("prompt", *MESSAGE_COLUMNS):
+        return None if isinstance(value, str) or _is_messages(value) else \
+            f"must be text or a list of chat messages (got {type(value).__name__})"
+    if col == "answer":
+        ok = isinstance(value, str | int | float)
+        return None if ok else f"must be a number or text (got {type(value).__name__})"
+    if col == "tests":
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, str) for t in value))
+        return None if ok else "must be test code or a list of assert statements"
+    return None
+
+
+def as_conversation(row: dict[str, Any], keep: tuple[str, ...] | None) -> dict[str, Any]:
+    """Wrap text prompts/replies as user/assistant messages; keep only `keep` columns (all when None)."""
+    out = {k: v for k, v in row.items() if keep is None or k in keep}
+    if isinstance(out.get("prompt"), str):
+        out["prompt"] = [{"role": "user", "content": out["prompt"]}]
+    for col in MESSAGE_COLUMNS:
+        if isinstance(out.get(col), str):
+            out[col] = [{"role": "assistant", "content": out[col]}]
+    if isinstance(out.get("answer"), int | float):  # one type per column, as Arrow needs
+        out["answer"] = str(out["answer"])
+    return out
+
+
+def needed_columns(kind: str, rows: list[dict[str, Any]], rewards_need: tuple[str, ...] = (),
+                   on_policy: bool = False) -> tuple[str, ...]:
+    """The columns a stage reads: sft prompt+completion (or messages), dpo prompt+chosen+rejected
+    (prompt+answer when pairs are sampled on-policy), grpo prompt plus what its rewards read."""
+    if kind == "sft":
+        chat = "messages" in rows[0] and "completion" not in rows[0]
+        return ("messages",) if chat else ("prompt", "completion")
+    if kind == "dpo":
+        return ("prompt", "answer") if on_policy else ("prompt", "chosen", "rejected")
+    return ("prompt", *dict.fromkeys(rewards_need))
+
+
+def load_stage_data(cfg: FlywheelConfig, ref: str, columns: dict[str, str], kind: str, where: str,
+                    rewards_need: tuple[str, ...] = (), on_policy: bool = False, split: str = "train",
+                    subset: str | None = None) -> StageData:
+    """Read, rename, check and shape one stage's data; raises FlywheelError before any training."""
+    rows, source, fp = read_source(cfg, ref, split, subset)
+    rows = rename_columns(rows, columns, source, where)
+    needs = needed_columns(kind, rows, rewards_need, on_policy)
+    check_columns(rows, needs, source, where, kind)
+    keep = None if kind == "grpo" or on_policy else needs  # grpo rewards receive every extra column
+    return StageData([as_conversation(r, keep) for r in rows], source, fingerprint(fp, columns))
