@@ -7,7 +7,6 @@ limit per flywheel, so two triggers become two consecutive rounds, never two cop
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -129,7 +128,6 @@ def flywheel_round(
     """
     logger = get_run_logger()
     cfg = apply_overrides(load_config(config), objective, token_budget, epsilon, force_promotion)
-    os.environ.setdefault("FLYWHEEL_HOME", str(cfg.home))
     data = cfg.model_dump(mode="json")
     ensure_round_limit(cfg)
     with concurrency(concurrency_limit_name(cfg), occupy=1):  # the next round is decided inside the slot
