@@ -312,3 +312,17 @@ def test_real_architecture_classes_midtrain_with_remit(small_world, tmp_path, ar
     model = AutoModelForCausalLM.from_pretrained(res.checkpoint)
     assert type(model).__name__ == {"olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}[arch]
     assert res.metrics["steps"] == 4
+
+
+def test_a_checkpoint_half_written_by_a_kill_is_skipped_and_removed(tmp_path):
+    from flywheel.data.io import last_complete_checkpoint
+
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert not (tmp_path / "checkpoint-15").exists()
+    assert last_complete_checkpoint(tmp_path / "missing") is None

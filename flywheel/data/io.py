@@ -89,3 +89,24 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest Trainer checkpoint that finished writing; half-written ones (a kill mid-save) are removed.
+
+    The HF Trainer writes `checkpoint-N/` in place and its `trainer_state.json` last, so a
+    folder without it was interrupted and cannot be resumed from.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        if (path / "trainer_state.json").exists():
+            found.append((int(step), path))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(found)[1]) if found else None

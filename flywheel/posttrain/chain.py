@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import FlywheelConfig, PosttrainStage
-from flywheel.data.io import atomic_dir, fingerprint, read_jsonl, write_json, write_jsonl
+from flywheel.data.io import (
+    atomic_dir,
+    fingerprint,
+    last_complete_checkpoint,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from flywheel.errors import FlywheelError
 from flywheel.models import load_model, load_tokenizer, model_identity, resolve_model
 from flywheel.posttrain.data import StageData, load_stage_data
@@ -259,12 +266,6 @@ def posttrain(cfg: FlywheelConfig, checkpoint: str | Path, run_dir: Path | None 
     return PosttrainResult(results[-1].checkpoint, run_dir, key, results, time.perf_counter() - t0)
 
 
-def _last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path,
               callbacks: list | None = None) -> StageResult:
     """Train one stage from `source` into `stage_dir/model`; reuse it if finished, resume it if it crashed."""
@@ -285,7 +286,7 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
         rows, notes = _on_policy_rows(cfg, plan, model, tok, stage_dir)
     args = trl_config(cfg, plan, stage_dir / "checkpoints")
     trainer = _trainer(plan, model, tok, args, Dataset.from_list(rows), callbacks)
-    resume = _last_checkpoint(stage_dir / "checkpoints")
+    resume = last_complete_checkpoint(stage_dir / "checkpoints")
     start_step = int(resume.rsplit("-", 1)[1]) if resume else 0
     t_train = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)

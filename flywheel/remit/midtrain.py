@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import atomic_dir, fingerprint, write_json
+from flywheel.data.io import atomic_dir, fingerprint, last_complete_checkpoint, write_json
 from flywheel.data.mixture import build_mixture
 from flywheel.errors import FlywheelError
 from flywheel.models import (
@@ -70,7 +70,6 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     import torch
     from accelerate import PartialState
     from transformers import TrainingArguments, default_data_collator
-    from transformers.trainer_utils import get_last_checkpoint
 
     from flywheel.remit.diagnostics import Diagnostics
     from flywheel.remit.scoring import score_reference
@@ -156,7 +155,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         diagnostics=diagnostics,
         callbacks=callbacks,
     )
-    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    resume = last_complete_checkpoint(Path(args.output_dir))
     trainer.train(resume_from_checkpoint=resume)
 
     result = MidtrainResult(final, run_dir, key, resumed_from=resume)
