@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check --progress-ba
 include flywheel/offline.env
 export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' flywheel/offline.env)
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench replicate clean-venv
 .DEFAULT_GOAL := test
 
 $(STAMP): pyproject.toml
@@ -40,6 +40,9 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+replicate: $(STAMP)
+	$(BIN)/flywheel ablate configs/demo.yaml --size full
 
 clean-venv:
 	rm -rf $(VENV)

@@ -287,6 +287,32 @@ def deploy(
 
 
 @app.command()
+def ablate(
+    config: ConfigArg,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated: ntp, remit, kd, rho1, miniplm, remit_sft_ref, "
+                        "remit_weak_ref, remit_eps0.1, remit_eps0.2, remit_eps0.3, remit_noclip (default: all).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per variant (default 3; smoke 2).")] = None,
+    size: Annotated[str, typer.Option(help="smoke | full (make replicate) | config (the config as written).")] = "config",
+    smoke: Annotated[bool, typer.Option("--smoke", help="Same as --size smoke (minutes).")] = False,
+    reference: Annotated[str | None, typer.Option(help="RL reference (default midtrain.reference, else made).")] = None,
+    sft_reference: Annotated[str | None, typer.Option(help="SFT checkpoint for remit_sft_ref.")] = None,
+    weak_reference: Annotated[str | None, typer.Option(help="Early RL checkpoint for remit_weak_ref.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (smoke/full: 1).")] = None,
+) -> None:
+    """Ablation: every variant × seed from one base on the same data; tables with 95% CIs, tokens-to-NTP, KL, plot."""
+    cfg = _load(config)
+    _prefect_env(cfg)
+    from flows.ablation import flywheel_ablation
+
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    report = flywheel_ablation(str(config), variants=names, seeds=seeds, size="smoke" if smoke else size,
+                               reference=reference, sft_reference=sft_reference, weak_reference=weak_reference,
+                               threads=threads)
+    console.print(report["markdown"], markup=False, highlight=False)
+    console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
+
+
+@app.command()
 def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
     """Offline demo: build the tiny world, run rounds 0, 1 (ReMiT-1) and 2 (ReMiT-2), print the comparison."""
     import time

@@ -1,0 +1,88 @@
+"""Prefect flow `flywheel-ablation`: thin wiring over `flywheel.ablation.harness`.
+
+One task per (variant, seed) cell, each with retries and a cached result, run one after the
+other (the cells share the machine): a crashed cell is recorded as failed and the table is
+still written from the others; a rerun recomputes only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.round import STAGE, LogProgress, _no_retry_on_user_error
+from flywheel.ablation import harness
+from flywheel.config import load_config
+
+# Resolving references creates the study's MLflow parent run: never served from a stale Prefect cache.
+UNCACHED = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _no_retry_on_user_error}
+
+
+@task(name="ablation-plan")
+def plan_task(config: str, variants: list[str] | None, seeds: int | list[int] | None, size: str,
+              reference: str | None, sft_reference: str | None, weak_reference: str | None,
+              threads: int | None) -> dict[str, Any]:
+    return harness.prepare_ablation(load_config(config), variants, seeds, size, reference, sft_reference,
+                                    weak_reference, threads=threads)
+
+
+@task(name="ablation-references", **UNCACHED)
+def references_task(plan: dict[str, Any]) -> dict[str, Any]:
+    return harness.resolve_references(plan)
+
+
+@task(name="ablation-base-eval", **STAGE)
+def base_task(plan: dict[str, Any]) -> dict[str, Any]:
+    return harness.evaluate_base(plan)
+
+
+@task(name="ablation-cell", task_run_name="{variant}/seed-{seed}", **STAGE)
+def cell_task(plan: dict[str, Any], variant: str, seed: int) -> dict[str, Any]:
+    return harness.run_cell(plan, variant, seed, callbacks=[LogProgress(f"{variant}/seed-{seed} midtrain")])
+
+
+@task(name="ablation-report")
+def report_task(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
+    return harness.finish_ablation(plan, base, cells, echo=False)
+
+
+@flow(name="flywheel-ablation", log_prints=True)
+def flywheel_ablation(
+    config: str = "configs/demo.yaml",
+    variants: list[str] | None = None,
+    seeds: int | list[int] | None = None,
+    size: str = "config",
+    reference: str | None = None,
+    sft_reference: str | None = None,
+    weak_reference: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Mid-train every variant × seed from one base on the same data; evaluate along and after post-training.
+
+    `size`: smoke (minutes), full (`make replicate`), or config (the config as written); `threads`
+    overrides the size's torch thread count.
+    """
+    logger = get_run_logger()
+    os.environ.setdefault("FLYWHEEL_HOME", str(load_config(config).home))
+    plan = plan_task(config, variants, seeds, size, reference, sft_reference, weak_reference, threads)
+    plan = references_task(plan)
+    logger.info("ablation %s: %s × seeds %s; references %s", plan["study"], ", ".join(plan["variants"]),
+                plan["seeds"], plan["references"])
+    base = base_task(plan)
+    cells = []
+    for variant in plan["variants"]:
+        for seed in plan["seeds"]:
+            state = cell_task(plan, variant, seed, return_state=True)
+            if state.is_completed():
+                cells.append(state.result())
+            else:
+                logger.error("cell %s/seed-%s failed: %s", variant, seed, state.message)
+                cells.append(harness.failed_cell(variant, seed, state.message or state.name or "failed"))
+    report = report_task(plan, base, cells)
+    logger.info("ablation %s\n%s\nreport: %s", plan["study"], report["markdown"], report["files"]["json"])
+    create_markdown_artifact(report["markdown"], key=f"ablation-{plan['study']}",
+                             description=f"{plan['name']} ablation {plan['study']}")
+    return report

@@ -1,0 +1,275 @@
+"""The ablation's tables: per phase mean ± 95% CI over seeds, tokens-to-baseline, KL, tests, a plot.
+
+`summarize` is pure (cells in, a JSON-able report out) so it can be checked on made-up cells;
+`write_report` and `log_report` put it on disk and in MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from flywheel.ablation.stats import (
+    Comparison,
+    Estimate,
+    compare,
+    format_estimate,
+    format_ratio,
+    mean_ci,
+    tokens_ratio,
+)
+from flywheel.data.io import write_json
+from flywheel.metrics import AVG, PREFIX, by_task, primary_metric
+
+PHASES = {"mid": "after mid-training", "post": "after post-training"}
+BASELINE = "ntp"  # the variant whose final score the tokens-to-baseline ratio aims at
+METHOD = "remit"  # the variant every other one is tested against
+
+
+def table_metrics(metric_sets: list[dict[str, float]]) -> list[str]:
+    """The columns: each task's primary metric, then the average."""
+    seen: dict[str, set[str]] = {}
+    for metrics in metric_sets:
+        for task, values in by_task(metrics).items():
+            seen.setdefault(task, set()).update(values)
+    cols = [f"{PREFIX}{task}/{primary_metric(task, sorted(ms))}" for task, ms in sorted(seen.items())]
+    return cols + ([AVG] if any(AVG in m for m in metric_sets) else [])
+
+
+def _estimate(values: list[float]) -> Estimate | None:
+    return mean_ci(values) if values else None
+
+
+def _est_dict(est: Estimate | None) -> dict[str, Any] | None:
+    return est.to_dict() if est else None
+
+
+def _by_seed(cells: list[dict[str, Any]], variant: str) -> dict[int, dict[str, Any]]:
+    return {c["seed"]: c for c in cells if c["variant"] == variant and not c.get("failed")}
+
+
+def _curves(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]], metric: str
+            ) -> dict[str, list[dict[str, Any]]]:
+    """Per variant: score at 0 tokens (the base) and at every evaluated fraction, mean ± CI over seeds."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for variant in plan["variants"]:
+        runs = list(_by_seed(cells, variant).values())
+        if not runs:
+            continue
+        points = [{"tokens": 0, **(_est_dict(_estimate([base["metrics"][metric]])) or {})}] if metric in base[
+            "metrics"] else []
+        for i in range(min(len(r["curve"]) for r in runs)):
+            values = [r["curve"][i]["metrics"][metric] for r in runs if metric in r["curve"][i]["metrics"]]
+            tokens = sum(r["curve"][i]["tokens"] for r in runs) / len(runs)
+            if values:
+                points.append({"tokens": tokens, **(_est_dict(_estimate(values)) or {})})
+        out[variant] = points
+    return out
+
+
+def _pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """What the paper's claims need: remit against every other variant, and every variant against ntp."""
+    pairs = [(METHOD, v) for v in variants if METHOD in variants and v != METHOD]
+    pairs += [(v, BASELINE) for v in variants if BASELINE in variants and v not in (BASELINE, METHOD)]
+    return pairs
+
+
+def _compare(cells: list[dict[str, Any]], phase: str, a: str, b: str) -> Comparison | None:
+    """avg of variant a against b in one phase: paired over the seeds both finished, else Welch's."""
+    xa = {s: c[phase][AVG] for s, c in _by_seed(cells, a).items() if AVG in c[phase]}
+    xb = {s: c[phase][AVG] for s, c in _by_seed(cells, b).items() if AVG in c[phase]}
+    if not xa or not xb:
+        return None
+    common = sorted(set(xa) & set(xb))
+    if len(common) >= 2:  # same seed = same data order: pair on the seeds both finished
+        return compare([xa[s] for s in common], [xb[s] for s in common], paired=True, names=(a, b))
+    return compare(list(xa.values()), list(xb.values()), paired=False, names=(a, b))
+
+
+def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the study found, as one JSON-able dict (with its markdown rendering under `markdown`)."""
+    ok = [c for c in cells if not c.get("failed")]
+    columns = table_metrics([c[p] for c in ok for p in PHASES])
+    phases: dict[str, dict[str, Any]] = {}
+    for phase in PHASES:
+        phases[phase] = {}
+        for variant in plan["variants"]:
+            runs = _by_seed(cells, variant)
+            phases[phase][variant] = {
+                "seeds": sorted(runs),
+                **{m: _est_dict(_estimate([r[phase][m] for r in runs.values() if m in r[phase]]))
+                   for m in columns},
+            }
+    kl = {v: _est_dict(_estimate([r["kl"] for r in _by_seed(cells, v).values() if r["kl"] is not None]))
+          for v in plan["variants"]}
+    curves = _curves(plan, base, cells, AVG)
+    ratios: dict[str, Any] = {}
+    notes = list(plan.get("notes", []))
+    if BASELINE in curves and len(curves[BASELINE]) > 1:
+        baseline = [(p["tokens"], p["mean"]) for p in curves[BASELINE]]
+        if baseline[-1][1] <= baseline[0][1]:
+            notes.append(f"{BASELINE} ended no better than where its curve began, so every variant 'reaches' "
+                         "its final score at once; the tokens-to-baseline ratios say nothing here")
+        for variant, points in curves.items():
+            if variant != BASELINE:
+                ratios[variant] = tokens_ratio([(p["tokens"], p["mean"]) for p in points], baseline)
+    comparisons = {phase: [vars(c) for a, b in _pairs(plan["variants"])
+                           if (c := _compare(cells, phase, a, b))] for phase in PHASES}
+    report = {
+        "study": plan["study"], "name": plan["name"], "size": plan["size"], "variants": plan["variants"],
+        "seeds": plan["seeds"], "fractions": plan["fractions"], "columns": columns,
+        "token_budget": plan["config"]["midtrain"]["token_budget"], "references": plan["references"],
+        "bootstrapped": plan["bootstrapped"], "notes": notes, "base": base, "phases": phases,
+        "kl_to_reference": kl,
+        "curves": {AVG: curves}, "tokens_to_baseline": ratios, "comparisons": comparisons,
+        "cells": [{k: v for k, v in c.items() if k != "midtrain_config"} for c in cells],
+        "failed": [c for c in cells if c.get("failed")],
+        "plan": plan,
+        "cell_seconds": {v: _est_dict(_estimate([r["seconds"]["total"] for r in _by_seed(cells, v).values()]))
+                         for v in plan["variants"]},
+        "evaluation_points": "checkpoints of the same run at the given fractions of the budget (one anneal "
+                             "per cell; earlier points are mid-schedule, not separately annealed runs)",
+    }
+    report["markdown"] = to_markdown(report)
+    return report
+
+
+def _short(metric: str) -> str:
+    return "avg" if metric == AVG else metric.removeprefix(PREFIX)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The tables a person reads: one per phase, the curve, tokens-to-baseline, significance, failures."""
+    cols = report["columns"]
+    lines = [f"# Ablation {report['study']} ({report['name']}, size {report['size']})", "",
+             f"Seeds {', '.join(map(str, report['seeds']))}; {report['token_budget']:,} mid-training tokens; "
+             "scores in points, mean ± 95% CI over seeds (t-distribution; one seed: n/a).", ""]
+    lines += [f"- note: {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
+    for phase, title in PHASES.items():
+        kl_col = phase == "mid"
+        head = ["variant", "seeds", *(_short(c) for c in cols)]
+        head += ["KL(model‖ref), nats/token"] if kl_col else []
+        lines += [f"## {title.capitalize()}", "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join(["---"] * len(head)) + "|"]
+        for variant, row in report["phases"][phase].items():
+            cells = [variant, str(len(row["seeds"]))]
+            cells += [format_estimate(Estimate(**_plain(row[c])) if row[c] else None) for c in cols]
+            if kl_col:
+                kl = report["kl_to_reference"].get(variant)
+                cells.append(format_estimate(Estimate(**_plain(kl)), scale=1.0, digits=3) if kl else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    curves = report["curves"].get(AVG, {})
+    if curves:
+        tokens = sorted({p["tokens"] for pts in curves.values() for p in pts})
+        lines += ["## avg vs mid-training tokens", "",
+                  "| variant | " + " | ".join(f"{t:,.0f}" for t in tokens) + " |",
+                  "|" + "|".join(["---"] * (len(tokens) + 1)) + "|"]
+        for variant, pts in curves.items():
+            at = {p["tokens"]: p for p in pts}
+            lines.append(f"| {variant} | " + " | ".join(
+                format_estimate(Estimate(**_plain(at[t]))) if t in at else "–" for t in tokens) + " |")
+        lines.append("")
+    if report["tokens_to_baseline"]:
+        lines += [f"## Tokens to reach {BASELINE}'s final avg", "",
+                  f"| variant | tokens needed / {BASELINE}'s tokens |",
+                  "|---|---|"]
+        lines += [f"| {v} | {format_ratio(e)} |" for v, e in report["tokens_to_baseline"].items()]
+        lines.append("")
+    for phase, rows in report["comparisons"].items():
+        if rows:
+            lines += [f"## Differences in avg {PHASES[phase]} (α = 0.05)", "",
+                      "| comparison | difference (points) | test | p | significant |",
+                      "|---|---|---|---|---|"]
+            for r in rows:
+                p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
+                lines.append(f"| {r['a']} − {r['b']} | {r['diff'] * 100:+.1f} | {r['test']} | {p} | "
+                             f"{'yes' if r['significant'] else 'no'} |")
+            lines.append("")
+    for f in report["failed"]:
+        lines.append(f"- failed: {f['variant']} seed {f['seed']}: {f['error']}")
+    lines.append(f"Evaluation points: {report['evaluation_points']}.")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """An estimate's stored dict back to `Estimate`'s fields."""
+    return {k: d[k] for k in ("mean", "ci95", "n", "values")}
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> Path:
+    """avg vs mid-training tokens per variant with 95% CI bars; NTP's final score as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^v<>ph*X"
+    for i, (variant, pts) in enumerate(report["curves"].get(AVG, {}).items()):
+        xs = [p["tokens"] for p in pts]
+        ys = [p["mean"] * 100 for p in pts]
+        err = [(p["ci95"] or 0.0) * 100 for p in pts]
+        ax.errorbar(xs, ys, yerr=err, marker=markers[i % len(markers)], color=colours[(2 * i) % len(colours)],
+                    capsize=3, label=variant)
+    base = report["curves"].get(AVG, {}).get(BASELINE)
+    if base:
+        ax.axhline(base[-1]["mean"] * 100, color="grey", linestyle="--", linewidth=1,
+                   label=f"{BASELINE} final")
+    ax.set_xlabel("mid-training tokens")
+    ax.set_ylabel("avg score (points)")
+    seeds = len(report["seeds"])
+    plural = "s" if seeds > 1 else ""
+    ax.set_title(f"{report['name']}: score vs tokens (mean ± 95% CI over {seeds} seed{plural})")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """report.json, report.md and score_vs_tokens.png in `out_dir`; their paths go into the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md"),
+             "plot": str(out_dir / "score_vs_tokens.png")}
+    report["files"] = files
+    plot_curves(report, Path(files["plot"]))
+    Path(files["markdown"]).write_text(report["markdown"], encoding="utf-8")
+    write_json(Path(files["json"]), report)
+    return files
+
+
+def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Flat numbers for the parent run: `<phase>/<variant>/<metric>_mean|_ci95`, KL, tokens ratios."""
+    out: dict[str, float] = {}
+    for phase, rows in report["phases"].items():
+        for variant, row in rows.items():
+            for metric in report["columns"]:
+                est = row.get(metric)
+                if est:
+                    name = f"{phase}/{variant}/{_short(metric)}"
+                    out[f"{name}_mean"] = est["mean"]
+                    if est["ci95"] is not None:
+                        out[f"{name}_ci95"] = est["ci95"]
+    for variant, est in report["kl_to_reference"].items():
+        if est:
+            out[f"mid/{variant}/kl_to_reference_mean"] = est["mean"]
+    for variant, entry in report["tokens_to_baseline"].items():
+        if entry["ratio"] is not None and math.isfinite(entry["ratio"]):
+            out[f"tokens_to_{BASELINE}/{variant}"] = entry["ratio"]
+    return out
+
+
+def log_report(tracker: Any, parent_run: str, report: dict[str, Any], out_dir: Path) -> None:
+    """The summary numbers and the three files on the study's parent run."""
+    tracker.log_metrics(parent_run, summary_metrics(report))
+    for key in ("json", "markdown", "plot"):
+        path = Path(report.get("files", {}).get(key, ""))
+        if path.is_file():
+            tracker.log_artifact(parent_run, path, "ablation")
+    tracker.set_tags(parent_run, {"flywheel.ablation.failed_cells": len(report["failed"])})
+    tracker.client.set_terminated(parent_run, "FAILED" if report["failed"] else "FINISHED")
