@@ -130,7 +130,9 @@ def flywheel_round(
     cfg = apply_overrides(load_config(config), objective, token_budget, epsilon, force_promotion)
     data = cfg.model_dump(mode="json")
     ensure_round_limit(cfg)
-    with concurrency(concurrency_limit_name(cfg), occupy=1):  # the next round is decided inside the slot
+    # The next round is decided inside the slot. A short lease (renewed while the round runs) frees the slot
+    # within a minute when a round is killed, instead of blocking the next trigger for the default 5 minutes.
+    with concurrency(concurrency_limit_name(cfg), occupy=1, lease_duration=60):
         plan = plan_round_task(data, round)
         if plan["finished"]:
             logger.info("round %s is finished already (RL version %s); nothing to do", plan["round"],

@@ -74,9 +74,21 @@ def prefect_server(tmp_path_factory):
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", proc)
         api = f"http://127.0.0.1:{port}/api"
-        old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
-        yield api
+        storage = str(home / "storage")
+        keys = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")
+        old = {k: os.environ.get(k) for k in keys}
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=storage)  # children
+        # Prefect froze its settings when another test module first imported it: update them in this process too.
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_HOME,
+            PREFECT_LOCAL_STORAGE_PATH,
+            temporary_settings,
+        )
+
+        with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_HOME: str(home),
+                                         PREFECT_LOCAL_STORAGE_PATH: storage}):
+            yield api
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     finally:
@@ -104,8 +116,9 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
     cfg, _ = small_world
     config = write_config(tmp_path / "fw.yaml", cfg.home, "served")
     env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed with the server
     server = subprocess.Popen([str(BIN / "flywheel"), "serve", str(config)], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         from prefect import get_client
         from prefect.exceptions import ObjectNotFound
@@ -114,12 +127,13 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
         with get_client(sync_client=True) as client:  # `serve` registers both deployments, then polls
             for name in ("flywheel-round/flywheel-round", "flywheel-round/flywheel-scheduled"):
                 while True:
-                    assert server.poll() is None, "flywheel serve exited"
+                    tail = (tmp_path / "serve.log").read_text()[-2000:]
+                    assert server.poll() is None, f"flywheel serve exited: {tail}"
                     try:
                         client.read_deployment_by_name(name)
                         break
                     except ObjectNotFound:
-                        assert time.time() < deadline, f"{name} was never registered"
+                        assert time.time() < deadline, f"{name} was never registered: {tail}"
                         time.sleep(1)
         first = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=600,
                                poll_interval=2)
@@ -137,6 +151,7 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
         assert all(s.is_completed() for s in states), states
     finally:
         _stop(server)
+        log.close()
     tracker = _registry(config)
     versions = tracker.client.search_model_versions("name = 'served-rl'")
     assert sorted(int(v.tags["flywheel.round"]) for v in versions) == [0, 1, 2]  # no round ran twice
