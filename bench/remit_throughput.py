@@ -88,7 +88,7 @@ class Settings:
     size: str = "mini"
     seq_len: int = 256
     batch: int = 8
-    steps: int = 8
+    steps: int = 10
     warmup: int = 2
     repeats: int = 3
     score_batch: int = 32
