@@ -165,6 +165,8 @@ def flywheel(config: str = "configs/demo.yaml", rounds_total: int = 3) -> list[d
     from flywheel.tracking.store import open_tracker
 
     results = []
-    while next_round(open_tracker(cfg)).round < rounds_total:
+    while (upcoming := next_round(open_tracker(cfg)).round) < rounds_total:
         results.append(flywheel_round(config))
+        if next_round(open_tracker(cfg)).round <= upcoming:
+            raise FlywheelError(f"round {upcoming} did not register an RL model; see the flow run's log")
     return results

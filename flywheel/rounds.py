@@ -103,7 +103,7 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
             tracker.log_artifact(run, res.html, "remit")
         version = register_checkpoint(
             tracker, model=base_model_name(cfg), checkpoint=res.checkpoint, run_id=run, round_n=plan.round,
-            stage="midtrain", key=f"midtrain-{res.key}",
+            stage="midtrain", key=f"round{plan.round}-midtrain-{res.key}",
             tags={T_REFERENCE: plan.reference_version.split("/")[-1] if plan.reference_version else "none",
                   T_BASE_SOURCE: base_source,
                   T_DATA: corpus_key},
@@ -153,7 +153,7 @@ def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any]
                                            **{k: v for k, v in st.notes.items() if isinstance(v, int | float)}})
     version = register_checkpoint(
         tracker, model=rl_model_name(cfg), checkpoint=res.checkpoint, run_id=run_ids[-1], round_n=p["round"],
-        stage="posttrain", key=f"posttrain-{res.key}", candidate=True,
+        stage="posttrain", key=f"round{p['round']}-posttrain-{res.key}", candidate=True,
         tags={T_BASE_VERSION: base["version"], T_BASE_SOURCE: p["base"],
               T_REFERENCE: p["reference_version"].split("/")[-1] if p["reference_version"] else "none"},
     )
