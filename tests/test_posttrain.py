@@ -342,7 +342,7 @@ def test_cpu_defaults_turn_off_bf16_and_gradient_checkpointing(small_world, tmp_
     from flywheel.posttrain.chain import trl_config
 
     if torch.cuda.is_available():
-        pytest.skip("CPU defaults")
+        pytest.skip("CPU defaults")  # these are the CPU settings; on a GPU machine other defaults apply
     cfg, _ = small_world
     cfg = pt_config(cfg.home, [{"kind": "sft"}, {"kind": "grpo", "batch_size": 8}])
     sft, grpo = (trl_config(cfg, p, tmp_path) for p in plan_stages(cfg))
