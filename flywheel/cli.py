@@ -215,6 +215,8 @@ def _prefect_env(cfg: FlywheelConfig) -> None:
     """Flows record to the flywheel's own embedded Prefect store unless a server is configured."""
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(cfg.home / "prefect"))
+        # Prefect creates only the last folder of its home: a fresh flywheel home failed the first run.
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLYWHEEL_HOME", str(cfg.home))
 
 

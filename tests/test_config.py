@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,18 @@ def test_defaults_fill_every_section():
 def test_home_defaults_to_FLYWHEEL_HOME(monkeypatch, tmp_path):
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "fw"))
     assert validate_config({"name": "x"}).home == (tmp_path / "fw").resolve()
+
+
+def test_a_fresh_nested_home_gets_its_prefect_folder_before_prefect_starts(monkeypatch, tmp_path):
+    from flywheel.cli import _prefect_env
+
+    for var in ("PREFECT_API_URL", "PREFECT_HOME", "FLYWHEEL_HOME"):
+        monkeypatch.setenv(var, "")  # records the original, so what _prefect_env sets is undone afterwards
+        monkeypatch.delenv(var)
+    home = tmp_path / "not" / "yet" / "there"
+    _prefect_env(validate_config({"name": "x", "home": str(home)}))
+    assert (home / "prefect").is_dir()  # Prefect itself makes only the last folder and then fails to start
+    assert Path(os.environ["PREFECT_HOME"]) == home / "prefect"
 
 
 # (config document, fragment of the expected message)
