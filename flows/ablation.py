@@ -49,7 +49,7 @@ def report_task(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str
     return harness.finish_ablation(plan, base, cells, echo=False)
 
 
-@flow(name="flywheel-ablation", log_prints=True)
+@flow(name="flywheel-ablation")
 def flywheel_ablation(
     config: str = "configs/demo.yaml",
     variants: list[str] | None = None,

@@ -3,6 +3,10 @@
 `flywheel_round` runs one round (the registry says which); `flywheel` runs rounds until N
 exist. Prefect gives the UI, schedules, retries, result caching and a global concurrency
 limit per flywheel, so two triggers become two consecutive rounds, never two copies of one.
+
+No `log_prints`: Prefect's print patch bypasses `sys.stdout`, so dill's `nestedglobals` (used by
+`datasets` to fingerprint `.map` functions) captured nothing and dumped bytecode into the run log.
+Progress reaches the Prefect log through `LogProgress` and the tasks' own log lines instead.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def apply_overrides(cfg: FlywheelConfig, objective: str | None, token_budget: in
     return validate_config(data, "flow parameters")
 
 
-@flow(name="flywheel-round", log_prints=True)
+@flow(name="flywheel-round")
 def flywheel_round(
     config: str = "configs/demo.yaml",
     round: int | None = None,
@@ -153,7 +157,7 @@ def flywheel_round(
     return {**plan, "base": base, "rl": rl, "base_eval": base_eval, "post_eval": post_eval, "decision": decision}
 
 
-@flow(name="flywheel", log_prints=True)
+@flow(name="flywheel")
 def flywheel(config: str = "configs/demo.yaml", rounds_total: int = 3) -> list[dict[str, Any]]:
     """Build the tiny world if the config needs it, then run rounds until `rounds_total` exist."""
     cfg = load_config(config)
