@@ -10,7 +10,8 @@ What it measures
       scoring        the reference forward-only over packed rows, as `score_reference` does it
     Training uses the real `ReMiTTrainer` + `PackedDataset` + `default_data_collator` with the
     TrainingArguments `midtrain` uses (AdamW, grad clipping, linear decay) and, for remit/rho1,
-    `midtrain`'s `Diagnostics` (`--no-diagnostics` turns them off).
+    `midtrain`'s `Diagnostics` (`--no-diagnostics` turns them off). Children tune glibc malloc
+    as `midtrain` and `score_reference` do on CPU (`--glibc-defaults` keeps glibc's thresholds).
 
 How
     The parent trains a tokenizer on the tiny world's problems, packs their tokenized text into
@@ -94,6 +95,7 @@ class Settings:
     score_batch: int = 32
     score_batches: int = 4
     diagnostics: bool = True
+    malloc_tuning: bool = True  # what midtrain/score_reference do on CPU (flywheel.env.keep_freed_memory)
 
     @property
     def rows(self) -> int:
@@ -105,7 +107,8 @@ class Settings:
         out = ["--size", self.size, "--seq-len", str(self.seq_len), "--batch", str(self.batch),
                "--steps", str(self.steps), "--warmup", str(self.warmup), "--repeats", str(self.repeats),
                "--score-batch", str(self.score_batch), "--score-batches", str(self.score_batches)]
-        return out if self.diagnostics else [*out, "--no-diagnostics"]
+        out = out if self.diagnostics else [*out, "--no-diagnostics"]
+        return out if self.malloc_tuning else [*out, "--glibc-defaults"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,15 +218,12 @@ def prepare_inputs(s: Settings, workdir: Path) -> int:
 def run_training(mode: str, s: Settings, workdir: Path) -> dict[str, Any]:
     """`s.steps` optimizer steps of the real ReMiTTrainer, timed step by step."""
     import numpy as np
-    from transformers import (
-        PreTrainedTokenizerFast,
-        TrainerCallback,
-        TrainingArguments,
-        default_data_collator,
-    )
+    from transformers import PreTrainedTokenizerFast, TrainerCallback, default_data_collator
 
+    from flywheel.config import validate_config
     from flywheel.data.packing import Packed
     from flywheel.remit.diagnostics import Diagnostics
+    from flywheel.remit.midtrain import training_arguments
     from flywheel.remit.scoring import ReferenceCache
     from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
     from flywheel.world.model import new_model
@@ -247,25 +247,10 @@ def run_training(mode: str, s: Settings, workdir: Path) -> dict[str, Any]:
             clock.tick()
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(  # as `midtrain` sets them, minus checkpointing and logging
-            output_dir=out,
-            max_steps=s.steps,
-            per_device_train_batch_size=s.batch,
-            learning_rate=1e-4,
-            lr_scheduler_type="linear",
-            weight_decay=0.1,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            save_strategy="no",
-            logging_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=0,
-            remove_unused_columns=False,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            average_tokens_across_devices=True,
-        )
+        # the product's own arguments, minus checkpointing and logging
+        cfg = validate_config({"name": "bench", "home": out, "midtrain": {
+            "objective": "ntp", "batch_size": s.batch, "seq_len": s.seq_len, "lr": 1e-4, "warmup_ratio": 0.0}})
+        args = training_arguments(cfg, out, s.steps, logging_steps=None, save=False)
         trainer = ReMiTTrainer(
             model=model,
             args=args,
@@ -361,7 +346,8 @@ def verdicts(summary: dict[str, Any]) -> dict[str, str]:
 def print_report(summary: dict[str, Any], s: Settings, n_params: int, seconds: float) -> None:
     tps, rss, clean = summary["tokens_per_second"], summary["peak_rss_mb"], summary["clean_runs"]
     print(f"ReMiT throughput: {s.size} ({n_params / 1e6:.1f}M params), batch {s.batch} x seq {s.seq_len} "
-          f"(scoring batch {s.score_batch}), {s.steps - s.warmup} timed steps x {s.repeats} repeats, medians")
+          f"(scoring batch {s.score_batch}), {s.steps - s.warmup} timed steps x {s.repeats} repeats, medians; "
+          f"malloc {'tuned as midtrain does' if s.malloc_tuning else 'glibc defaults'}")
     print(f"{'mode':<14} {'tokens/s':>9} {'/ ntp':>7} {'peak RSS MB':>12} {'/ ntp':>7} {'clean runs':>11}")
     for m in MODES:
         print(f"{m:<14} {tps[m]:>9.0f} {tps[m] / tps['ntp']:>7.3f} {rss[m]:>12.0f} {rss[m] / rss['ntp']:>7.3f} "
@@ -388,16 +374,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--score-batch", type=int, default=d.score_batch, help="rows per reference-scoring forward")
     p.add_argument("--score-batches", type=int, default=d.score_batches, help="timed scoring batches per child")
     p.add_argument("--no-diagnostics", action="store_true", help="remit/rho1 without midtrain's Diagnostics")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="children keep glibc's malloc thresholds instead of midtrain's keep_freed_memory()")
     p.add_argument("--quick", action="store_true", help="smoke test: nano, seq 128, batch 4, 2 repeats")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
-        s = Settings("nano", 128, 4, 5, 1, 2, 16, 3, not a.no_diagnostics)
+        s = Settings("nano", 128, 4, 5, 1, 2, 16, 3, not a.no_diagnostics, not a.glibc_defaults)
     else:
         s = Settings(a.size, a.seq_len, a.batch, a.steps, a.warmup, a.repeats, a.score_batch, a.score_batches,
-                     not a.no_diagnostics)
+                     not a.no_diagnostics, not a.glibc_defaults)
     if s.warmup < 1 or s.steps < s.warmup + 2 or s.score_batches < 2:
         p.error("need --warmup >= 1, --steps >= --warmup + 2 and --score-batches >= 2")
     return a, s
@@ -406,6 +394,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 def main(argv: list[str] | None = None) -> int:
     a, s = parse_args(argv)
     if a.child:
+        if s.malloc_tuning:
+            from flywheel.env import keep_freed_memory
+
+            keep_freed_memory()
         result = run_scoring(s, a.workdir) if a.child == "scoring" else run_training(a.child, s, a.workdir)
         (a.workdir / f"result-{a.child}.json").write_text(json.dumps(result))
         return 0

@@ -17,6 +17,7 @@ from flywheel.ablation.stats import (
     compare,
     format_estimate,
     format_ratio,
+    holm,
     mean_ci,
     tokens_ratio,
     tokens_to_reach,
@@ -108,6 +109,7 @@ def test_identical_variants_are_reported_as_not_significantly_different(smoke):
         row = pairs[("remit", "remit_eps0.2")]
         assert row["test"] == "paired t"
         assert row["diff"] == 0 and row["p_value"] == 1.0 and not row["significant"]
+        assert row["p_holm"] == 1.0 and not row["significant_holm"]
         assert pairs[("remit", "ntp")]["diff"] == pytest.approx(pairs[("remit_eps0.2", "ntp")]["diff"])
 
 
@@ -159,6 +161,17 @@ def test_compare_says_equal_for_identical_numbers_and_different_for_separated_on
     noisy = compare([0.2, 0.4, 0.3], [0.3, 0.2, 0.35], paired=True)
     assert not noisy.significant
     assert compare([0.5], [0.4], paired=True).p_value is None  # one seed: no test, not significant
+
+
+def test_holm_adjusts_p_values_hand_computed():
+    # sorted 0.01, 0.02, 0.04 (m = 3): 3*0.01 = 0.03, max(0.03, 2*0.02 = 0.04) = 0.04, max(0.04, 1*0.04) = 0.04
+    adjusted = holm([0.04, 0.01, None, 0.02])
+    assert [p for p, _ in adjusted] == pytest.approx([0.04, 0.03, None, 0.04])
+    assert [sig for _, sig in adjusted] == [True, True, False, True]
+    # 0.03 alone is significant; among four tests 4 * 0.03 = 0.12 is not
+    assert holm([0.03]) == [(pytest.approx(0.03), True)]
+    assert holm([0.03, 0.5, 0.6, 0.7])[0] == (pytest.approx(0.12), False)
+    assert holm([0.9, 0.8])[0] == (1.0, False)  # capped at 1
 
 
 def test_tokens_to_baseline_interpolates_on_a_fixed_curve():

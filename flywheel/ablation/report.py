@@ -16,6 +16,7 @@ from flywheel.ablation.stats import (
     compare,
     format_estimate,
     format_ratio,
+    holm,
     mean_ci,
     tokens_ratio,
 )
@@ -87,6 +88,13 @@ def _compare(cells: list[dict[str, Any]], phase: str, a: str, b: str) -> Compari
     return compare(list(xa.values()), list(xb.values()), paired=False, names=(a, b))
 
 
+def _with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each phase's comparisons are one family: add Holm-adjusted p-values and significance to every row."""
+    for row, (p, significant) in zip(rows, holm([r["p_value"] for r in rows]), strict=True):
+        row["p_holm"], row["significant_holm"] = p, significant
+    return rows
+
+
 def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything the study found, as one JSON-able dict (with its markdown rendering under `markdown`)."""
     ok = [c for c in cells if not c.get("failed")]
@@ -114,8 +122,8 @@ def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, 
         for variant, points in curves.items():
             if variant != BASELINE:
                 ratios[variant] = tokens_ratio([(p["tokens"], p["mean"]) for p in points], baseline)
-    comparisons = {phase: [vars(c) for a, b in _pairs(plan["variants"])
-                           if (c := _compare(cells, phase, a, b))] for phase in PHASES}
+    comparisons = {phase: _with_holm([vars(c) for a, b in _pairs(plan["variants"])
+                                      if (c := _compare(cells, phase, a, b))]) for phase in PHASES}
     report = {
         "study": plan["study"], "name": plan["name"], "size": plan["size"], "variants": plan["variants"],
         "seeds": plan["seeds"], "fractions": plan["fractions"], "columns": columns,
@@ -179,13 +187,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     for phase, rows in report["comparisons"].items():
         if rows:
-            lines += [f"## Differences in avg {PHASES[phase]} (α = 0.05)", "",
-                      "| comparison | difference (points) | test | p | significant |",
-                      "|---|---|---|---|---|"]
+            lines += [f"## Differences in avg {PHASES[phase]} (α = 0.05; Holm over the {len(rows)} tests)", "",
+                      "| comparison | difference (points) | test | p | p (Holm) | significant (Holm) |",
+                      "|---|---|---|---|---|---|"]
             for r in rows:
                 p = "–" if r["p_value"] is None else f"{r['p_value']:.3g}"
-                lines.append(f"| {r['a']} − {r['b']} | {r['diff'] * 100:+.1f} | {r['test']} | {p} | "
-                             f"{'yes' if r['significant'] else 'no'} |")
+                ph = "–" if r.get("p_holm") is None else f"{r['p_holm']:.3g}"
+                lines.append(f"| {r['a']} − {r['b']} | {r['diff'] * 100:+.1f} | {r['test']} | {p} | {ph} | "
+                             f"{'yes' if r.get('significant_holm') else 'no'} |")
             lines.append("")
     for f in report["failed"]:
         lines.append(f"- failed: {f['variant']} seed {f['seed']}: {f['error']}")

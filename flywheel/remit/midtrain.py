@@ -16,10 +16,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import atomic_dir, fingerprint, last_complete_checkpoint, write_json
 from flywheel.data.mixture import build_mixture
+from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.models import (
     check_same_vocabulary,
@@ -52,6 +54,45 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def training_arguments(cfg: FlywheelConfig, output_dir: Path | str, steps: int, logging_steps: int | None,
+                       save: bool = True) -> Any:
+    """The anneal's `TrainingArguments` (one place: `midtrain` and the throughput benchmark both use it).
+
+    `logging_steps` None and `save` False turn logging and checkpoints off (what the benchmark times).
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    mt = cfg.midtrain
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=mt.batch_size,
+        gradient_accumulation_steps=mt.grad_accum,
+        learning_rate=mt.lr,
+        lr_scheduler_type=mt.decay,  # linear / cosine: both reach zero at the last step
+        warmup_steps=mt.warmup_ratio,
+        weight_decay=mt.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        save_strategy="steps" if save else "no",
+        save_steps=mt.checkpoint_every,
+        save_total_limit=2,
+        logging_strategy="steps" if logging_steps else "no",
+        logging_steps=logging_steps or 500,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+    )
+
+
 def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corpus_key: str) -> str:
     """The stage's cache key: its config section, the base and reference weights, the data, the seed."""
     section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "score_batch_size"})
@@ -69,13 +110,15 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     """
     import torch
     from accelerate import PartialState
-    from transformers import TrainingArguments, default_data_collator
+    from transformers import default_data_collator
 
     from flywheel.remit.diagnostics import Diagnostics
     from flywheel.remit.scoring import score_reference
     from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
 
     t0 = time.perf_counter()
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # large activations reused, not page-faulted in every step (flywheel/env.py)
     mt = cfg.midtrain
     base = base or cfg.model.source
     reference = reference or mt.reference
@@ -113,32 +156,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         reference_model = load_model(cfg, reference, for_training=False)
     diagnostics = Diagnostics(tok, model.config.vocab_size) if mt.objective in ("remit", "rho1") else None
 
-    args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        max_steps=steps,
-        per_device_train_batch_size=mt.batch_size,
-        gradient_accumulation_steps=mt.grad_accum,
-        learning_rate=mt.lr,
-        lr_scheduler_type=mt.decay,  # linear / cosine: both reach zero at the last step
-        warmup_steps=mt.warmup_ratio,
-        weight_decay=mt.weight_decay,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        save_strategy="steps",
-        save_steps=mt.checkpoint_every,
-        save_total_limit=2,
-        logging_steps=logging_steps or max(1, steps // 20),
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        average_tokens_across_devices=True,
-        ddp_find_unused_parameters=False,
-    )
+    args = training_arguments(cfg, run_dir / "checkpoints", steps, logging_steps or max(1, steps // 20))
     trainer = ReMiTTrainer(
         model=model,
         args=args,

@@ -32,6 +32,7 @@ import numpy as np
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import fingerprint, write_json
 from flywheel.data.mixture import PackedCorpus, build_mixture
+from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.models import (
     check_same_vocabulary,
@@ -153,6 +154,8 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
     import torch
 
     t0 = time.perf_counter()
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # flat time per row at any scoring batch (flywheel/env.py)
     tok = load_tokenizer(cfg)
     ref_path = resolve_model(cfg, reference)
     check_same_vocabulary(tok, load_tokenizer(cfg, reference), cfg.model.source, reference)
