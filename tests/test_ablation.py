@@ -89,6 +89,7 @@ def test_smoke_ablation_writes_json_markdown_plot_and_one_mlflow_child_per_cell(
     markdown = Path(files["markdown"]).read_text()
     for variant in SMOKE_VARIANTS:
         assert f"| {variant} | 2 |" in markdown
+    assert "| pre-anneal base | few-shot |" in markdown and "| rl reference | zero-shot, chat |" in markdown
     assert Path(files["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tracker = open_tracker(small_world[0])
     parent = smoke["plan"]["parent_run"]
@@ -96,7 +97,8 @@ def test_smoke_ablation_writes_json_markdown_plot_and_one_mlflow_child_per_cell(
     expected = sorted(f"{v}/seed-{s}" for v in SMOKE_VARIANTS for s in (0, 1))
     assert sorted(r.info.run_name for r in children) == expected
     assert all(r.info.status == "FINISHED" for r in children)
-    assert "mid/remit/avg_mean" in tracker.client.get_run(parent).data.metrics
+    metrics = tracker.client.get_run(parent).data.metrics
+    assert "mid/remit/avg_mean" in metrics and "reference/rl/avg" in metrics  # the guide is scored too
 
 
 def test_identical_variants_are_reported_as_not_significantly_different(smoke):

@@ -549,7 +549,10 @@ def finish_ablation(plan: dict[str, Any], base: dict[str, Any], cells: list[dict
     """Summarize, write JSON/markdown/PNG, log them to the parent run, print the tables."""
     from flywheel.ablation.report import log_report, summarize, write_report
 
-    report = summarize(plan, base, cells)
+    cfg = cell_config(plan, "ntp", plan["seeds"][0])
+    # how good the guides are, scored like every post-trained model (zero-shot, chat template); reused by content
+    refs = {role: _evaluate(cfg, path, "post") for role, path in plan["references"].items() if path}
+    report = summarize(plan, {**base, "references": refs}, cells)
     write_report(report, Path(plan["out_dir"]))
     log_report(_tracker(plan), plan["parent_run"], report, Path(plan["out_dir"]))
     if echo:

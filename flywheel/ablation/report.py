@@ -154,6 +154,14 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Seeds {', '.join(map(str, report['seeds']))}; {report['token_budget']:,} mid-training tokens; "
              "scores in points, mean ± 95% CI over seeds (t-distribution; one seed: n/a).", ""]
     lines += [f"- note: {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
+    base = report["base"]["metrics"]
+    refs = report["base"].get("references") or {}
+    lines += ["## Starting points", "", "| model | protocol | " + " | ".join(_short(c) for c in cols) + " |",
+              "|" + "|".join(["---"] * (len(cols) + 2)) + "|",
+              "| pre-anneal base | few-shot | " + " | ".join(_points(base.get(c)) for c in cols) + " |"]
+    lines += [f"| {role} reference | zero-shot, chat | " + " | ".join(_points(m.get(c)) for c in cols) + " |"
+              for role, m in refs.items()]
+    lines.append("")
     for phase, title in PHASES.items():
         kl_col = phase == "mid"
         head = ["variant", "seeds", *(_short(c) for c in cols)]
@@ -202,6 +210,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _points(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.1f}"
+
+
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     """An estimate's stored dict back to `Estimate`'s fields."""
     return {k: d[k] for k in ("mean", "ci95", "n", "values")}
@@ -221,8 +233,11 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path:
         xs = [p["tokens"] for p in pts]
         ys = [p["mean"] * 100 for p in pts]
         err = [(p["ci95"] or 0.0) * 100 for p in pts]
-        ax.errorbar(xs, ys, yerr=err, marker=markers[i % len(markers)], color=colours[(2 * i) % len(colours)],
-                    capsize=3, label=variant)
+        # tab20's ten dark shades first, then the light ones: eleven variants, eleven colours
+        colour = colours[(2 * i) % len(colours) + (i // 10) % 2]
+        focus = variant in (BASELINE, METHOD)  # the two lines the study is about, drawn bolder
+        ax.errorbar(xs, ys, yerr=err, marker=markers[i % len(markers)], color=colour, capsize=3, label=variant,
+                    linewidth=2.2 if focus else 1.0, alpha=1.0 if focus else 0.75)
     base = report["curves"].get(AVG, {}).get(BASELINE)
     if base:
         ax.axhline(base[-1]["mean"] * 100, color="grey", linestyle="--", linewidth=1,
@@ -264,6 +279,8 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
                     out[f"{name}_mean"] = est["mean"]
                     if est["ci95"] is not None:
                         out[f"{name}_ci95"] = est["ci95"]
+    for role, metrics in (report["base"].get("references") or {}).items():
+        out.update({f"reference/{role}/{_short(m)}": v for m, v in metrics.items() if m in report["columns"]})
     for variant, est in report["kl_to_reference"].items():
         if est:
             out[f"mid/{variant}/kl_to_reference_mean"] = est["mean"]

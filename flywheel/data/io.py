@@ -15,6 +15,22 @@ from typing import Any
 from flywheel.errors import FlywheelError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | Path, final: Path) -> None:
+    """Rename a finished temp file or folder into place with the permissions a plain write would give.
+
+    mkstemp/mkdtemp create 0600/0700 so a half-written temp is private; the published artefact
+    (a checkpoint, a report, a cache chunk) must be readable by the team like any other file.
+    """
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask())
+    os.replace(tmp, final)
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows to a temp file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +39,7 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(f.name, path)
+    publish(f.name, path)
     return n
 
 
@@ -54,7 +70,7 @@ def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(f.name, path)
+    publish(f.name, path)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -88,7 +104,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if final.exists():  # someone finished the same build first; theirs is equivalent
         shutil.rmtree(tmp, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        publish(tmp, final)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import fingerprint, write_json
+from flywheel.data.io import fingerprint, publish, write_json
 from flywheel.data.mixture import PackedCorpus, build_mixture
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
@@ -199,7 +199,7 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
         scored_tokens += out.size
         with tempfile.NamedTemporaryFile(dir=partial, suffix=".tmp", delete=False) as f:
             np.save(f, out)
-        os.replace(f.name, path)
+        publish(f.name, path)
         computed.append(c)
     chunks = [
         {"file": f"chunk-{c:05d}.npy", "rows": min(len(packed), (c + 1) * rows_per_chunk) - c * rows_per_chunk,
