@@ -146,11 +146,13 @@ def flywheel_round(
                     f"ReMiT guided by {plan['reference_version']}" if plan["reference_version"] else "NTP (round 0)")
         score_reference_task(data, plan)
         base = midtrain_task(data, plan)
+        if base.get("note"):
+            logger.warning(base["note"])
         base_eval = evaluate_task(data, plan, base["checkpoint"], "base")
         rl = posttrain_task(data, plan, base)
         post_eval = evaluate_task(data, plan, rl["checkpoint"], "post")
         decision = promote_task(data, plan, rl, post_eval["metrics"])
-    report = rounds.round_report(cfg, plan, base_eval, post_eval, decision)
+    report = rounds.round_report(cfg, plan, base_eval, post_eval, decision, note=base.get("note"))
     create_markdown_artifact(report, key=f"{cfg.name}-round-{plan['round']}".lower().replace("_", "-"),
                              description=f"{cfg.name} round {plan['round']}")
     logger.info("round %d done: %s", plan["round"], decision["reason"])

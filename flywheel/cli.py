@@ -232,6 +232,8 @@ def round_cmd(
 
     result = flywheel_round(str(config), round=round_n)
     console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"))
+    if (result.get("base") or {}).get("note"):
+        console.print(f"note: {result['base']['note']}")
 
 
 @app.command("run")
@@ -328,8 +330,11 @@ def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
     _print_world_report(build_world(cfg))
     from flows.round import flywheel
 
-    flywheel(str(config), rounds_total=3)
+    results = flywheel(str(config), rounds_total=3)
     _print_comparison(cfg)
+    for r in results:
+        if (r.get("base") or {}).get("note"):
+            console.print(f"note: {r['base']['note']}")
     console.print(f"demo took {time.perf_counter() - t0:.0f} s. See every run: flywheel ui {config}")
 
 

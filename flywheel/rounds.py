@@ -23,6 +23,7 @@ from flywheel.tracking.registry import (
     T_REFERENCE,
     RoundPlan,
     base_model_name,
+    find_version,
     get_alias,
     next_round,
     promote,
@@ -108,7 +109,22 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
                   T_BASE_SOURCE: base_source,
                   T_DATA: corpus_key},
         )
-    return {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
+    out = {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
+    repeat = repeated_round(tracker, cfg, plan.round, res.key)
+    if repeat is not None:
+        out["note"] = (f"round {plan.round} has exactly the mid-training inputs of round {repeat} (same base, "
+                       f"reference {plan.reference_version or 'none'}, data and settings), so it reproduces that "
+                       "round's model: the flywheel is standing still. Change the data or the config, or pass "
+                       "force_promotion, to move it")
+    return out
+
+
+def repeated_round(tracker: Tracker, cfg: FlywheelConfig, round_n: int, key: str) -> int | None:
+    """The earliest earlier round whose mid-training had the same cache key (same inputs), if any."""
+    for earlier in range(round_n):
+        if find_version(tracker, base_model_name(cfg), f"round{earlier}-midtrain-{key}") is not None:
+            return earlier
+    return None
 
 
 def _log_source(tracker: Tracker, run: str, cfg: FlywheelConfig, source: str, digest: str) -> None:
@@ -171,7 +187,8 @@ def stage_promote(cfg: FlywheelConfig, p: dict[str, Any], rl: dict[str, Any], me
             "previous": d.previous_version}
 
 
-def round_report(cfg: FlywheelConfig, p: dict[str, Any], base_eval: dict, post_eval: dict, decision: dict) -> str:
+def round_report(cfg: FlywheelConfig, p: dict[str, Any], base_eval: dict, post_eval: dict, decision: dict,
+                 note: str | None = None) -> str:
     """The round's markdown summary: metrics table, promotion decision, where the MLflow runs are."""
     tracker = open_tracker(cfg)
     rows = ["| metric | mid-trained base | RL model |", "|---|---|---|"]
@@ -184,6 +201,7 @@ def round_report(cfg: FlywheelConfig, p: dict[str, Any], base_eval: dict, post_e
         f"# {cfg.name}: round {p['round']}",
         f"Reference: `{guide}`. Promotion: **{'promoted' if decision['promoted'] else 'kept the reference'}** — "
         f"{decision['reason']}.",
+        *([f"Note: {note}."] if note else []),
         "", *rows, "",
         f"MLflow: experiment `{cfg.name}`, round run `{run}` (tracking URI `{_uri(cfg)}`).",
     ])
