@@ -89,6 +89,9 @@ def prefect_server(tmp_path_factory):
         with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_HOME: str(home),
                                          PREFECT_LOCAL_STORAGE_PATH: storage}):
             yield api
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)  # send queued run logs while the server still listens
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     finally:
