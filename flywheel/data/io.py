@@ -16,7 +16,14 @@ from flywheel.errors import FlywheelError
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    """The process umask, read without changing it where Linux shows it (setting it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
 
