@@ -174,14 +174,7 @@ def evaluate_cmd(
 @app.command()
 def compare(config: ConfigArg) -> None:
     """Rounds × metrics with deltas against the previous round and round 0; writes and logs a PNG plot."""
-    cfg = _load(config)
-    from flywheel.tracking.compare import compare as run_compare
-    from flywheel.tracking.store import open_tracker
-
-    result = run_compare(open_tracker(cfg))
-    console.print(result.text, markup=False, highlight=False)
-    if result.plot:
-        console.print(f"plot: {result.plot}")
+    _print_comparison(_load(config), prefix="")
 
 
 @app.command()
@@ -250,11 +243,12 @@ def run_cmd(
     _print_comparison(cfg)
 
 
-def _print_comparison(cfg: FlywheelConfig) -> None:
+def _print_comparison(cfg: FlywheelConfig, prefix: str = "post/") -> None:
+    """The rounds table (RL-model metrics by default; prefix "" for every metric) and its plot."""
     from flywheel.tracking.compare import compare as run_compare
     from flywheel.tracking.store import open_tracker
 
-    result = run_compare(open_tracker(cfg), prefix="post/")
+    result = run_compare(open_tracker(cfg), prefix=prefix)
     console.print(result.text, markup=False, highlight=False)
     if result.plot:
         console.print(f"plot: {result.plot}")
