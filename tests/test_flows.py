@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from flywheel.tracking.ui import stop, wait_for_server
 
 from .conftest import SMALL_WORLD
 
@@ -40,29 +41,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{url}: server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url}: no answer in {timeout} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """A real Prefect server on 127.0.0.1 with its own PREFECT_HOME; this process talks to it."""
@@ -72,7 +50,7 @@ def prefect_server(tmp_path_factory):
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", proc)
+        wait_for_server(f"http://127.0.0.1:{port}/api/health", proc)
         api = f"http://127.0.0.1:{port}/api"
         storage = str(home / "storage")
         keys = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH")
@@ -95,7 +73,7 @@ def prefect_server(tmp_path_factory):
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     finally:
-        _stop(proc)
+        stop([proc])
 
 
 def write_config(path: Path, home: Path, name: str, **extra) -> Path:
@@ -153,7 +131,7 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
                 time.sleep(2)
         assert all(s.is_completed() for s in states), states
     finally:
-        _stop(server)
+        stop([server])
         log.close()
     tracker = _registry(config)
     versions = tracker.client.search_model_versions("name = 'served-rl'")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +30,7 @@ from flywheel.tracking.registry import (
     version_path,
 )
 from flywheel.tracking.store import open_tracker
+from flywheel.tracking.ui import stop, wait_for_server
 from flywheel.world.model import tiny_random_model
 
 from .conftest import small_config
@@ -246,16 +244,7 @@ def test_same_code_works_against_a_real_mlflow_server(tmp_path, checkpoints):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow server did not come up") from None
-                time.sleep(0.5)
+        wait_for_server(f"http://127.0.0.1:{port}/health", server, 90)
         cfg = small_config(tmp_path / "home", name="team", tracking={"uri": f"http://127.0.0.1:{port}"})
         tracker = open_tracker(cfg)
         _, r0, d0 = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)
@@ -264,5 +253,4 @@ def test_same_code_works_against_a_real_mlflow_server(tmp_path, checkpoints):
         assert tracker.client.get_model_version_by_alias("team-rl", "reference").version == r0.version
         assert not (tmp_path / "home" / "mlflow").exists()  # nothing went to the embedded store
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop([server])

@@ -21,7 +21,8 @@ def prefect_home(cfg: FlywheelConfig) -> Path:
     return cfg.home / "prefect"
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Return when `url` answers; a clear error if the server exits first or never answers."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -63,13 +64,14 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
 
 
 def serve_uis(cfg: FlywheelConfig, mlflow_port: int, prefect_port: int, say: Callable[[str], None]) -> None:
     procs = start_uis(cfg, mlflow_port, prefect_port)
     try:
-        _wait(f"http://127.0.0.1:{mlflow_port}/health", procs[0], 120)
-        _wait(f"http://127.0.0.1:{prefect_port}/api/health", procs[1], 120)
+        wait_for_server(f"http://127.0.0.1:{mlflow_port}/health", procs[0], 120)
+        wait_for_server(f"http://127.0.0.1:{prefect_port}/api/health", procs[1], 120)
         say(f"MLflow UI:  http://127.0.0.1:{mlflow_port}")
         say(f"Prefect UI: http://127.0.0.1:{prefect_port}")
         say("Ctrl-C stops both.")
