@@ -6,6 +6,7 @@ data, missing world) is printed as one sentence on stderr with exit code 2, no t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,8 +20,15 @@ from flywheel.env import apply_offline_env
 
 apply_offline_env()
 
-from flywheel.config import WORLD_SIZES, FlywheelConfig, config_summary, load_config  # noqa: E402
-from flywheel.errors import ConfigError, FlywheelError  # noqa: E402
+from flywheel.config import (  # noqa: E402
+    WORLD_SIZES,
+    FlywheelConfig,
+    check_home_writable,
+    config_home,
+    config_summary,
+    load_config,
+)
+from flywheel.errors import ConfigError, FlywheelError, QuietUserErrors, os_error_sentence  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Flywheel: ReMiT mid-training guided by the last round's RL model, round after round.")
@@ -204,8 +212,25 @@ def ui(
     serve_uis(cfg, mlflow_port, prefect_port, console.print)
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the command through Python's normal exit, so atexit stops Prefect's temporary server.
+
+    Prefect turns SIGTERM into a crash of the flow run and then re-sends it to the handler it found;
+    with the default one the process died on the spot and left its temporary server running.
+    """
+    import signal
+    import threading
+
+    def _exit(signum, frame) -> None:  # noqa: ANN001
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit)
+
+
 def _prefect_env(cfg: FlywheelConfig) -> None:
     """Flows record to the flywheel's own embedded Prefect store unless a server is configured."""
+    _exit_cleanly_on_sigterm()
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(cfg.home / "prefect"))
         # Prefect creates only the last folder of its home: a fresh flywheel home failed the first run.
@@ -333,9 +358,30 @@ def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2.
+
+    So do a full disk, an exceeded quota and an unwritable or read-only home, wherever they surface
+    (wrapped by MLflow, SQLAlchemy or Prefect, or inside an exception group): retrying cannot help,
+    and finished work is kept (every artefact is written under a temporary name and renamed).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # their tracebacks would bury the one sentence
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QuietUserErrors) for f in logger.filters):
+            logger.addFilter(QuietUserErrors())
+    words = [a for a in args if not a.startswith("-")]
+    config_arg = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
+    if config_arg is None and words[:2] in (["demo"], ["world", "build"]):
+        config_arg = "configs/demo.yaml"  # their default config
     try:
-        app(args=argv, standalone_mode=False)
+        if words and words[0] not in ("validate", "lineage", "deploy") and "--help" not in args and config_arg:
+            try:
+                early = load_config(config_arg)
+            except FlywheelError:
+                early = None  # the command itself reports why it does not load
+            if early is not None:
+                check_home_writable(early)  # before any work, so nothing is half-written
+        app(args=args, standalone_mode=False)
     except ConfigError as exc:
         where = f"{exc.source}: " if exc.source else ""
         for problem in exc.problems:
@@ -343,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FlywheelError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        return 2
+        return exc.exit_code  # 2 for bad input; 143 for a stage stopped by SIGTERM after saving
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -355,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.ClickException):
             exc.show()
             return exc.exit_code
-        raise
+        home = config_home(config_arg) if config_arg else None
+        sentence = os_error_sentence(exc, str(home) if home else None)
+        if sentence is None:
+            raise
+        err_console.print(f"error: {sentence}", markup=False, highlight=False, soft_wrap=True)
+        return 2
     return 0
 
 

@@ -27,6 +27,7 @@ WORLD_SIZES = ("nano", "micro", "mini")
 WORLD_CORPORA = ("pretrain", "midtrain", "sft", "dpo", "rl", "eval", "eval_mc")
 POSTTRAIN_KINDS = ("sft", "dpo", "grpo")
 BUILTIN_REWARDS = ("math_answer", "format", "code_exec")
+DEFAULT_GRPO_REWARDS = ("math_answer", "format")  # a grpo stage without `rewards` uses these (and says so)
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Where each post-training stage reads its data unless the config says otherwise.
 DEFAULT_STAGE_DATA = {"sft": "world:sft", "dpo": "world:dpo", "grpo": "world:rl"}
@@ -153,7 +154,9 @@ class MidtrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0)
     decay: Literal["linear", "cosine"] = "linear"
     start_from: Literal["pretrained", "previous"] = "pretrained"
-    checkpoint_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(200, ge=1)  # a Trainer checkpoint at every multiple of this many steps,
+    checkpoint_fraction: float | None = Field(0.1, gt=0, le=1)  # and of this share of the run's steps,
+    checkpoint_minutes: float | None = Field(30.0, gt=0)  # and at least this often (wall clock); None: off
     kd_temperature: float = Field(1.0, gt=0)
     kd_alpha: float = Field(0.5, ge=0, le=1)  # weight of the KL term; 1 - kd_alpha goes to CE
     kd_top_k: int | None = Field(None, ge=1)
@@ -185,6 +188,9 @@ class PosttrainStage(Section):
     batch_size: int = Field(16, ge=1)
     rewards: list[str] = Field(default_factory=list)
     args: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_every: int = Field(200, ge=1)  # checkpoint cadence as in midtrain (args.save_steps overrides this)
+    checkpoint_fraction: float | None = Field(0.1, gt=0, le=1)
+    checkpoint_minutes: float | None = Field(30.0, gt=0)
 
     @field_validator("data")
     @classmethod
@@ -196,7 +202,8 @@ class PosttrainStage(Section):
         if self.data is None:
             self.data = DEFAULT_STAGE_DATA[self.kind]
         if self.kind == "grpo" and not self.rewards:
-            self.rewards = ["math_answer", "format"]
+            self.__dict__["rewards"] = list(DEFAULT_GRPO_REWARDS)
+            self.__pydantic_fields_set__.discard("rewards")  # so rewards_note() can say they are the default
         if self.kind != "grpo" and self.rewards:
             raise ValueError(f"only grpo stages take rewards (this stage is {self.kind}); remove rewards")
         return self
@@ -323,6 +330,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, Path) or (isinstance(value, str) and value.startswith(("/", "~", "./", "../"))):
+        return repr(str(value))  # a path reads as '/x', not PosixPath('/x'), and in full: it says where to look
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -375,6 +384,79 @@ def validate_config(data: Any, source: str | None = None) -> FlywheelConfig:
         raise ConfigError([_describe(e) for e in exc.errors()], source) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, ())
+        return super().construct_document(node)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, where: tuple[str, ...], line: int, first_line: int):
+        super().__init__(key, where, line, first_line)
+        self.key, self.where, self.line, self.first_line = key, where, line, first_line
+
+
+def _check_unique_keys(node: yaml.Node, where: tuple[str, ...], seen: set[int] | None = None) -> None:
+    """Walk the composed document; merge keys (`<<: *anchor`) may be overridden on purpose, literal twins not."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias points back at a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in first:
+                raise _DuplicateKey(key_node.value, where, line, first[key_node.value])
+            first[key_node.value] = line
+            _check_unique_keys(value_node, (*where, key_node.value), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, (*where, str(i)), seen)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text`; syntax errors and repeated keys name the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        field = ".".join((*dup.where, dup.key))
+        raise ConfigError([f"{field}: given twice, at lines {dup.first_line} and {dup.line}; YAML would "
+                           "silently keep only the last, so remove one"], source) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"YAML syntax error{where}: {problem}"], source) from None
+
+
+def check_home_writable(cfg: FlywheelConfig) -> None:
+    """Fail before any work when `home` (or the folder it would be made in) cannot be written."""
+    home = cfg.home
+    existing = next((p for p in (home, *home.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # the validator already said "not a folder"; nothing more to check here
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    why = "is on a read-only file system" if read_only else "is not writable for this user"
+    what = f"{home} {why}" if existing == home else f"{home} cannot be created ({existing} {why})"
+    fix = "" if read_only else "fix its permissions or "
+    raise ConfigError([f"home: {what}; {fix}point home (or FLYWHEEL_HOME) at a folder you can write"])
+
+
+def config_home(path: str | Path) -> Path | None:
+    """The home a config file names, or None when it does not load (the command reports why itself)."""
+    try:
+        return load_config(path).home
+    except Exception:  # noqa: BLE001 - only used to word another error; never the one reported
+        return None
+
+
 def load_config(path: str | Path) -> FlywheelConfig:
     """Read and validate a config file; every command calls this before doing any work."""
     path = Path(path)
@@ -382,20 +464,25 @@ def load_config(path: str | Path) -> FlywheelConfig:
         raise ConfigError([f"config file not found; check the path (cwd is {Path.cwd()})"], str(path))
     if path.is_dir():
         raise ConfigError(["is a folder; pass a YAML config file"], str(path))
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(["is not UTF-8 text; save it as UTF-8"], str(path)) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"is not UTF-8 text at line {line} (byte 0x{raw[exc.start:exc.start + 1].hex()} at byte "
+                           f"offset {exc.start}); save it as UTF-8"], str(path)) from None
     if not text.strip():
         raise ConfigError(["the file is empty; a config needs at least `name:`"], str(path))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"YAML syntax error{where}: {problem}"], str(path)) from None
+    data = _parse_yaml(text, str(path))
     return validate_config(data, str(path))
+
+
+def rewards_note(stage: PosttrainStage) -> str | None:
+    """What a grpo stage rewards, and whether that is the default: for the summary and the stage log."""
+    if stage.kind != "grpo":
+        return None
+    names = ", ".join(stage.rewards)
+    return names if "rewards" in stage.model_fields_set else f"{names} (the default: rewards is not set)"
 
 
 def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
@@ -404,6 +491,8 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
     eps = "no clip" if mt.epsilon is None else f"ε={mt.epsilon}"
     mix = ", ".join(f"{s.source}×{s.weight:g}" for s in cfg.data.sources)
     chain = " → ".join(s.kind for s in cfg.posttrain.stages)
+    chain += "".join(f"; stage {i} rewards: {rewards_note(s)}" for i, s in enumerate(cfg.posttrain.stages)
+                     if s.kind == "grpo")
     return [
         ("name", cfg.name),
         ("home", str(cfg.home)),

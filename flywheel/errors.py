@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno as _errno
+import logging
+import re as _re
+from collections.abc import Iterator as _Iterator
+
 
 class FlywheelError(Exception):
     """A problem with the user's input. The CLI prints it without a traceback and exits 2."""
@@ -17,3 +22,107 @@ class ConfigError(FlywheelError):
         self.source = source
         head = f"{source}: " if source else ""
         super().__init__(head + "; ".join(problems))
+
+
+class NonFiniteError(FlywheelError):
+    """Training produced a NaN/inf loss, gradient or weight; stopped before it reached any checkpoint."""
+
+
+class Preempted(FlywheelError):
+    """Training stopped by SIGTERM after saving a checkpoint; rerunning the same command resumes it.
+
+    Exit code 143 (128 + SIGTERM), what a process killed by SIGTERM reports, so schedulers see a preemption.
+    """
+
+    exit_code = 143
+
+
+# --- operating-system errors that no retry can fix --------------------------------------------
+
+DISK_FULL_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT})
+PERMANENT_ERRNOS = DISK_FULL_ERRNOS | {_errno.EACCES, _errno.EPERM, _errno.EROFS}
+# Errors that are not OSErrors but carry one in their text: SQLite (through SQLAlchemy and MLflow) and Rust
+# libraries (safetensors, tokenizers), whose io::Error reads "No space left on device (os error 28)".
+_TEXT_ERRNOS = (("database or disk is full", _errno.ENOSPC), ("No space left on device", _errno.ENOSPC),
+                ("Disk quota exceeded", _errno.EDQUOT), ("Read-only file system", _errno.EROFS))
+_RUST_OS_ERROR = _re.compile(r"\(os error (\d+)\)")
+
+
+def exception_chain(exc: BaseException) -> _Iterator[BaseException]:
+    """Every exception behind `exc`: causes, contexts and the members of exception groups, each once."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo.extend(getattr(cur, "exceptions", ()) if isinstance(cur, BaseExceptionGroup) else ())
+        todo.extend((cur.__context__, cur.__cause__))
+
+
+def _os_errno(exc: BaseException) -> int | None:
+    """The errno an exception stands for; SQLite's "database or disk is full" counts as ENOSPC."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the original error
+        return None
+    rust = _RUST_OS_ERROR.search(text)
+    if rust:
+        return int(rust.group(1))
+    return next((code for phrase, code in _TEXT_ERRNOS if phrase in text), None)
+
+
+def find_os_error(exc: BaseException, errnos: frozenset[int] | set[int]) -> BaseException | None:
+    """The first exception in `exc`'s chain whose errno is one of `errnos`, or None."""
+    return next((e for e in exception_chain(exc) if _os_errno(e) in errnos), None)
+
+
+def is_permanent_os_error(exc: BaseException) -> bool:
+    """True for a full disk, an exceeded quota, a denied permission or a read-only file system anywhere in
+    `exc`'s chain: retrying cannot fix those, so a retry condition should give up at once."""
+    return find_os_error(exc, PERMANENT_ERRNOS) is not None
+
+
+def os_error_sentence(exc: BaseException, home: str | None = None) -> str | None:
+    """One sentence for a full disk or an unwritable folder behind `exc` (None when it is neither)."""
+    found = find_os_error(exc, DISK_FULL_ERRNOS) or find_os_error(exc, PERMANENT_ERRNOS)
+    if found is None:
+        return None
+    code = _os_errno(found)
+    name = getattr(found, "filename", None) if isinstance(found, OSError) else None
+    notes = [f"home {home}"] if home else []
+    if name is not None:
+        what = str(name)
+    elif not isinstance(found, OSError) and "database or disk is full" in str(found):
+        what = "the SQLite tracking store"
+    else:
+        what = "a file"
+        if not isinstance(found, OSError):  # the error says so only in its text: name who reported it
+            notes.insert(0, f"reported by {type(found).__name__}")
+    where = f" ({', '.join(notes)})" if notes else ""
+    if code in DISK_FULL_ERRNOS:
+        kind = "quota exceeded" if code == _errno.EDQUOT else "disk full"
+        return (f"{kind} while writing {what}{where}: free space or point `home` at a larger disk; "
+                "completed work is kept and the rerun resumes")
+    if code == _errno.EROFS:
+        return (f"{what} is on a read-only file system{where}: point `home` (or FLYWHEEL_HOME) at a "
+                "writable folder")
+    return (f"permission denied for {what}{where}: fix its permissions for this user or point `home` "
+            "(or FLYWHEEL_HOME) at a folder you can write")
+
+
+class QuietUserErrors(logging.Filter):
+    """Drops the traceback from a log record whose exception is a user error or a full/unwritable disk.
+
+    Prefect logs every failed task and flow with its traceback; for these the CLI prints one sentence
+    instead, so the log keeps only its one line ("... Encountered exception during execution: ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (isinstance(exc, FlywheelError) or is_permanent_os_error(exc)):
+            record.exc_info, record.exc_text = None, None
+        return True

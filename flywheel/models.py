@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from flywheel.config import FlywheelConfig
 from flywheel.errors import FlywheelError
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Config keys that different architectures use for the longest sequence their positions cover.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def resolve_model(cfg: FlywheelConfig, ref: str) -> str:
@@ -21,11 +25,72 @@ def resolve_model(cfg: FlywheelConfig, ref: str) -> str:
     return str(path.resolve()) if path.exists() else ref
 
 
+def _field_of(cfg: FlywheelConfig, ref: str) -> str | None:
+    """The config field a model reference came from ("midtrain.reference"), to name it in an error."""
+    fields = (("midtrain.reference", cfg.midtrain.reference), ("model.tokenizer", cfg.model.tokenizer),
+              ("model.source", cfg.model.source))
+    target = Path(resolve_model(cfg, ref)) if not ref.startswith("world:") else None
+    for field, value in fields:
+        if value is None:
+            continue
+        if value == ref or (target is not None and _is_local(value) and Path(value).expanduser().resolve() == target):
+            return field
+    return None
+
+
+def _say(field: str | None, subject: str, rest: str) -> FlywheelError:
+    """`field: subject rest`, or `subject: rest` when the reference came from no config field."""
+    return FlywheelError(f"{field}: {subject} {rest}" if field else f"{subject}: {rest}")
+
+
+def _is_local(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
+
+
+def _folder_problems(path: Path) -> dict[str, str]:
+    """What a local model folder lacks: config, weights, tokenizer (each with the words to say it)."""
+    problems = {}
+    if not (path / "config.json").is_file():
+        problems["config"] = "no config.json"
+    if not (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+        problems["weights"] = "no safetensors weights"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problems["tokenizer"] = "no tokenizer files"
+    return problems
+
+
+def check_model_folder(cfg: FlywheelConfig, ref: str, needs: tuple[str, ...] = ("config", "weights")) -> None:
+    """Fail with one sentence when a local `ref` is not a saved HF checkpoint (hub ids are left to the hub).
+
+    `needs` is any of "config", "weights", "tokenizer": what the caller is about to load.
+    """
+    if ref.startswith("world:"):
+        return  # resolve_world_ref already says "build the world first"
+    field = _field_of(cfg, ref)
+    path = Path(resolve_model(cfg, ref))
+    if not path.exists():
+        if _is_local(ref):
+            raise _say(field, ref, "does not exist; point it at a saved HF checkpoint folder")
+        return
+    if not path.is_dir():
+        raise _say(field, str(path), "is a file, not a model folder; point it at a saved HF checkpoint folder")
+    problems = _folder_problems(path)
+    if any(need in problems for need in needs):
+        said = ", ".join(problems.values())
+        raise _say(field, str(path), f"is not a model folder ({said}); point it at a saved HF checkpoint "
+                                     "(the folder save_pretrained writes)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_model(cfg: FlywheelConfig, ref: str, for_training: bool = True):
     """AutoModelForCausalLM from safetensors only, remote code only if the config allows it."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_model_folder(cfg, ref, ("config", "weights"))
     dtype = _DTYPES[cfg.model.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -35,8 +100,11 @@ def load_model(cfg: FlywheelConfig, ref: str, for_training: bool = True):
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
-    except OSError as exc:
-        raise FlywheelError(f"{ref}: could not load a safetensors model ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError) as exc:  # transformers: missing files, unknown model_type, no remote code
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a disk or permission problem, worded by the CLI
+        raise _say(_field_of(cfg, ref), ref, f"could not be loaded as a safetensors causal LM ({_first_line(exc)}); "
+                   "point it at a saved HF checkpoint") from None
     if not for_training:
         model.eval()
         model.requires_grad_(False)
@@ -48,10 +116,63 @@ def load_tokenizer(cfg: FlywheelConfig, ref: str | None = None):
     from transformers import AutoTokenizer
 
     ref = ref or cfg.model.tokenizer or cfg.model.source
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg, ref), trust_remote_code=cfg.model.trust_remote_code)
+    check_model_folder(cfg, ref, ("tokenizer",))
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(cfg, ref), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise _say(_field_of(cfg, ref), ref, f"has no tokenizer that loads ({_first_line(exc)}); point it at a "
+                   "folder with the tokenizer files save_pretrained writes") from None
     if tok.eos_token_id is None:
         raise FlywheelError(f"{ref}: the tokenizer has no eos token; packing needs one to separate documents")
     return tok
+
+
+def _positions(model_path: str | Path) -> tuple[str, int] | None:
+    """(config key, value) for the longest sequence a local checkpoint's positions cover; None when unknown."""
+    try:
+        conf = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(conf, dict):
+        return None
+    for section in (conf, conf.get("text_config") or {}):
+        for key in POSITION_KEYS:
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+    return None
+
+
+def max_positions(model_path: str | Path) -> int | None:
+    """The longest sequence a local checkpoint's position embeddings cover, from its config.json (None: unknown)."""
+    found = _positions(model_path)
+    return found[1] if found else None
+
+
+def check_seq_len(cfg: FlywheelConfig, model_path: str | Path, field: str | None = "model.source") -> None:
+    """Before any training: `midtrain.seq_len` must fit the model's positions, or training would run past them.
+
+    Only local checkpoints are checked (a hub id's config is not fetched here); `field` names the model.
+    """
+    found = _positions(model_path)
+    seq_len = cfg.midtrain.seq_len
+    if found is not None and seq_len > found[1]:
+        key, limit = found
+        who = f"{field} ({model_path})" if field else str(model_path)
+        raise FlywheelError(f"midtrain.seq_len: {seq_len} is longer than the {limit} positions {who} has ({key} in "
+                            f"its config.json); set midtrain.seq_len to at most {limit}")
+
+
+def check_midtrain_models(cfg: FlywheelConfig, base: str, reference: str | None) -> None:
+    """Before any work: the base (and the reference, when the objective reads one) are model folders whose
+    positions cover `midtrain.seq_len`; each problem is one sentence naming the field."""
+    for ref, default in ((base, "the base"), (reference, "the reference")):
+        if ref is None:
+            continue
+        check_model_folder(cfg, ref, ("config", "weights"))
+        check_seq_len(cfg, resolve_model(cfg, ref), _field_of(cfg, ref) or default)
 
 
 def model_identity(path_or_id: str) -> str:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 from flywheel.errors import FlywheelError
+
+T = TypeVar("T")
 
 
 def _umask() -> int:
@@ -38,46 +41,139 @@ def publish(tmp: str | Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write rows to a temp file beside `path`, then rename: readers never see half a file."""
+def _atomic_write(path: Path, write: Callable[[IO[str]], T]) -> T:
+    """Write through a temp file beside `path`, then rename: readers never see half a file.
+
+    On any failure the temp file is removed, and an OSError without a file name (a full disk
+    reports none) is re-raised naming `path`, so the one-line error can say where it happened.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+    f = tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8")
+    try:
+        with f:
+            result = write(f)
+        publish(f.name, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(f.name)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    return result
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows atomically (temp file + rename); returns how many."""
+
+    def write(f: IO[str]) -> int:
+        n = 0
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    publish(f.name, path)
-    return n
+        return n
+
+    return _atomic_write(path, write)
+
+
+def _not_utf8(path: Path, line: int, offset: int, byte: bytes) -> FlywheelError:
+    """The sentence for bytes that are not UTF-8: the file, the line, the byte offset and the byte."""
+    return FlywheelError(f"{path}: is not UTF-8 text at line {line} (byte 0x{byte.hex()} at byte offset {offset}); "
+                         "re-encode the file as UTF-8")
+
+
+def _open_data(path: Path) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise FlywheelError(f"{path}: file not found; check the path") from None
+    except IsADirectoryError:
+        raise FlywheelError(f"{path}: is a folder, not a data file; point at a .jsonl/.json/.parquet file") from None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) per non-blank line, streamed; a bad line names the file, the line and the byte offset."""
+    with _open_data(path) as f:
+        offset = 0
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, i, offset + exc.start, raw[exc.start:exc.start + 1]) from None
+            offset += len(raw)
+            if i == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FlywheelError(f"{path}: line {i}, column {exc.colno} is not valid JSON ({exc.msg}); "
+                                    "fix or remove it") from None
+            if not isinstance(row, dict):
+                raise FlywheelError(f"{path}: line {i} is not a JSON object; each line must be {{...}}")
+            yield i, row
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a jsonl file, naming the file and line when a line is not a JSON object."""
-    rows = []
+    """Read a jsonl file, naming the file and line (and byte offset) when a line is not a JSON object."""
+    return [row for _, row in iter_jsonl(path)]
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """A .json file's rows: a JSON array of objects, one object of equal-length column lists, or JSON lines."""
+    with _open_data(path) as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FlywheelError(f"{path}: line {i} is not valid JSON ({exc.msg}); fix or remove it") from None
-                if not isinstance(row, dict):
-                    raise FlywheelError(f"{path}: line {i} is not a JSON object; each line must be {{...}}")
-                rows.append(row)
-    except FileNotFoundError:
-        raise FlywheelError(f"{path}: file not found; check the path") from None
-    except UnicodeDecodeError:
-        raise FlywheelError(f"{path}: is not UTF-8 text; re-encode it as UTF-8") from None
-    return rows
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _not_utf8(path, line, exc.start, data[exc.start:exc.start + 1]) from None
+    if not text.strip():
+        return []
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return read_jsonl(path)  # JSON lines in a .json file, as `datasets` also accepts
+        raise FlywheelError(f"{path}: line {exc.lineno}, column {exc.colno} is not valid JSON ({exc.msg}); "
+                            "fix it") from None
+    if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
+        doc = [dict(zip(doc, values, strict=False)) for values in zip(*doc.values(), strict=False)]
+    if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
+        raise FlywheelError(f"{path}: must hold a JSON array of row objects (or an object of column lists)")
+    return doc
+
+
+def read_parquet_rows(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """A parquet file's rows (only `columns` when given), or one sentence when it is not readable parquet."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FlywheelError(f"{path}: file not found; check the path")
+    try:
+        return pq.read_table(path, columns=columns).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FlywheelError(f"{path}: is not a readable parquet file ({first}); rewrite it or use .jsonl") from None
+
+
+def parquet_schema(path: Path) -> tuple[list[str], int]:
+    """A parquet file's column names and row count, from its footer, without reading the data."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FlywheelError(f"{path}: file not found; check the path")
+    try:
+        meta = pq.ParquetFile(path).metadata
+        return list(meta.schema.to_arrow_schema().names), meta.num_rows
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FlywheelError(f"{path}: is not a readable parquet file ({first}); rewrite it or use .jsonl") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    publish(f.name, path)
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
 
 
 def fingerprint(*parts: Any) -> str:

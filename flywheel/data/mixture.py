@@ -15,56 +15,84 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.config import DataSource, FlywheelConfig
-from flywheel.data.io import atomic_dir, file_fingerprint, fingerprint, write_json
+from flywheel.data.io import (
+    atomic_dir,
+    file_fingerprint,
+    fingerprint,
+    iter_jsonl,
+    parquet_schema,
+    read_json_rows,
+    read_parquet_rows,
+    write_json,
+)
 from flywheel.data.packing import Packed, pack, tokenize_documents
 from flywheel.errors import FlywheelError
 
 PACK_VERSION = 1
 
 
-def _local_texts(path: Path, field: str) -> list[str]:
-    import datasets
-
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # datasets wraps parse errors in several types
-        raise FlywheelError(f"{path}: could not be read as {kind} ({type(exc).__name__}); check the file") from None
-    if len(ds) == 0:
-        raise FlywheelError(f"{path}: is empty; the mid-training mixture needs documents")
-    if field not in ds.column_names:
-        raise FlywheelError(
-            f"{path}: has no column '{field}' (columns: {', '.join(ds.column_names)}); set text_field for this source"
-        )
-    return [t for t in ds[field] if isinstance(t, str) and t]
+def _local_texts(path: Path, field: str, where: str = "text_field") -> list[str]:
+    """A local file's documents; an empty file, a missing column or a bad line is one sentence naming the file."""
+    if path.suffix == ".parquet":
+        columns, n_rows = parquet_schema(path)
+        if n_rows == 0:
+            raise FlywheelError(f"{path}: is empty (no rows); the mid-training mixture needs documents, so fill "
+                                "it or remove this source")
+        if field not in columns:
+            raise FlywheelError(f"{path}: has no column '{field}' (columns: {', '.join(columns)}); set {where} "
+                                "to the column that holds the text")
+        values = [row[field] for row in read_parquet_rows(path, [field])]
+    else:
+        rows = read_json_rows(path) if path.suffix == ".json" else (row for _, row in iter_jsonl(path))
+        values, columns, n = [], {}, 0  # columns: every key seen, in order (a dict keeps order)
+        for row in rows:
+            n += 1
+            columns.update(dict.fromkeys(row))
+            values.append(row.get(field))
+        if n == 0:
+            raise FlywheelError(f"{path}: is empty (no rows); the mid-training mixture needs documents, so fill "
+                                "it or remove this source")
+        if field not in columns:
+            raise FlywheelError(f"{path}: no row has a column '{field}' (columns: {', '.join(columns)}); set "
+                                f"{where} to the column that holds the text")
+    return [t for t in values if isinstance(t, str) and t]
 
 
 def _hub_texts(src: DataSource, limit_chars: int) -> list[str]:
     """Stream a hub dataset until enough text for its share is read (the corpus is never fully downloaded)."""
     import datasets
 
-    stream = datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True)
-    texts, total = [], 0
-    for row in stream:
-        if src.text_field not in row:
-            raise FlywheelError(
-                f"{src.source}: has no column '{src.text_field}' (columns: {', '.join(row)}); set text_field"
-            )
-        texts.append(row[src.text_field])
-        total += len(texts[-1])
-        if total >= limit_chars:
-            break
+    try:
+        stream = iter(datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True))
+        texts, total = [], 0
+        for row in stream:
+            if src.text_field not in row:
+                raise FlywheelError(
+                    f"{src.source}: has no column '{src.text_field}' (columns: {', '.join(row)}); set text_field"
+                )
+            texts.append(row[src.text_field])
+            total += len(texts[-1] or "")
+            if total >= limit_chars:
+                break
+    except FlywheelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, unknown split: all mean "cannot get it here"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FlywheelError(f"{src.source}: could not load the hub dataset (split '{src.split}'): {first}; check "
+                            "the id, or download it while online (HF_DATASETS_OFFLINE is set)") from None
     return texts
 
 
 def source_texts(cfg: FlywheelConfig, src: DataSource, limit_chars: int) -> list[str]:
     """The documents of one source, from the tiny world, a local file or the hub."""
+    index = next((i for i, s in enumerate(cfg.data.sources) if s is src), None)
+    where = f"data.sources.{index}.text_field" if index is not None else "text_field"
     if src.source.startswith("world:"):
         from flywheel.world.build import resolve_world_ref
 
-        return _local_texts(resolve_world_ref(cfg, src.source), src.text_field)
+        return _local_texts(resolve_world_ref(cfg, src.source), src.text_field, where)
     if Path(src.source).expanduser().is_file():
-        return _local_texts(Path(src.source).expanduser(), src.text_field)
+        return _local_texts(Path(src.source).expanduser(), src.text_field, where)
     return _hub_texts(src, limit_chars)
 
 
@@ -120,7 +148,8 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str) -> PackedCorpus:
         share = int(mt.token_budget * src.weight / total_w)
         texts = source_texts(cfg, src, limit_chars=share * 8)
         if not texts:
-            raise FlywheelError(f"{src.source}: has no non-empty '{src.text_field}' documents")
+            raise FlywheelError(f"{src.source}: has no non-empty '{src.text_field}' documents; fill that column "
+                                "or set text_field to the column that holds the text")
         order = list(range(len(texts)))
         rng.shuffle(order)
         got, taken, i = 0, [], 0

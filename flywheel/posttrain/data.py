@@ -8,19 +8,22 @@ reported before any training starts, as one sentence naming the file, the column
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import file_fingerprint, fingerprint, read_jsonl
+from flywheel.data.io import file_fingerprint, fingerprint, read_json_rows, read_jsonl, read_parquet_rows
 from flywheel.errors import FlywheelError
 
 MESSAGE_COLUMNS = ("completion", "chosen", "rejected")
 # usual source names for the columns we need, to suggest a `columns:` mapping that is likely right
 USUAL_NAMES = {"prompt": ("question", "problem", "instruction", "input", "query"),
-               "completion": ("solution", "response", "output"), "tests": ("test_list", "test")}
+               "completion": ("solution", "response", "output"), "tests": ("test_list", "test"),
+               "chosen": ("chosen_response", "preferred", "accepted"),
+               "rejected": ("rejected_response", "dispreferred"),
+               "answer": ("final_answer", "target", "label", "gold"),
+               "messages": ("conversations", "conversation", "dialog", "chat")}
 
 
 @dataclass
@@ -50,35 +53,14 @@ def read_source(cfg: FlywheelConfig, ref: str, split: str = "train", subset: str
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            first = str(exc).splitlines()[0]
-            raise FlywheelError(f"{path}: is not a readable parquet file ({first})") from None
+        rows = read_parquet_rows(path)
     elif path.suffix == ".json":
-        rows = _read_json(path)
+        rows = read_json_rows(path)
     else:
         rows = read_jsonl(path)
     if not rows:
-        raise FlywheelError(f"{path}: the file has no rows; fill it or point the stage's data elsewhere")
+        raise FlywheelError(f"{path}: the file has no rows (it is empty); fill it or point the stage's data elsewhere")
     return rows
-
-
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    """A JSON array of row objects, or one object of equal-length column lists."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
-    except UnicodeDecodeError:
-        raise FlywheelError(f"{path}: is not UTF-8 text; re-encode it as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise FlywheelError(f"{path}: is not valid JSON ({exc.msg} at line {exc.lineno}); fix it") from None
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        data = [dict(zip(data, values, strict=False)) for values in zip(*data.values(), strict=False)]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise FlywheelError(f"{path}: must hold a JSON array of row objects (or an object of column lists)")
-    return data
 
 
 def _read_hub(ref: str, split: str, subset: str | None) -> tuple[list[dict[str, Any]], str, str]:
@@ -116,12 +98,17 @@ def check_columns(rows: list[dict[str, Any]], needs: tuple[str, ...], source: st
     found = list(rows[0])
     missing = [c for c in needs if c not in found]
     if missing:
-        usual = [c for c in USUAL_NAMES.get(missing[0], ()) if c in found]
-        example = usual[0] if usual else next((c for c in found if c not in needs), found[0])
+        wanted = ", ".join(needs) + (" (or messages)" if kind == "sft" and needs == ("prompt", "completion") else "")
+        mapping = _suggest_mapping(missing, [c for c in found if c not in needs])
+        if mapping:
+            pairs = ", ".join(f"{ours}: {theirs}" for ours, theirs in mapping.items())
+            fix = f"map yours with {where}.columns, e.g. {{{pairs}}}"
+        else:
+            fix = (f"add {' and '.join(missing)} to the data, or map a column of yours to "
+                   f"{'it' if len(missing) == 1 else 'them'} with {where}.columns: {{<your column>: {missing[0]}}}")
         raise FlywheelError(
-            f"{source}: {where} ({kind}) needs column(s) {', '.join(needs)} but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing (found: {', '.join(found)}); rename yours with "
-            f"{where}.columns, e.g. {{{example}: {missing[0]}}}"
+            f"{source}: {where} ({kind}) needs column(s) {wanted} but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (found: {', '.join(found)}); {fix}"
         )
     for n, row in enumerate(rows, 1):
         for col in needs:
@@ -129,6 +116,20 @@ def check_columns(rows: list[dict[str, Any]], needs: tuple[str, ...], source: st
             if problem:
                 raise FlywheelError(f"{source}: row {n}, column '{col}' {problem}; fix the data or the "
                                     f"{where}.columns mapping")
+
+
+def _suggest_mapping(missing: list[str], spare: list[str]) -> dict[str, str]:
+    """Source column -> needed column, only where a spare column is a usual or close name for it."""
+    mapping: dict[str, str] = {}
+    for col in missing:
+        free = [c for c in spare if c not in mapping]
+        guess = next((c for c in USUAL_NAMES.get(col, ()) if c in free), None)
+        if guess is None:
+            close = difflib.get_close_matches(col, free, n=1, cutoff=0.75)
+            guess = close[0] if close else None
+        if guess is not None:
+            mapping[guess] = col
+    return mapping
 
 
 def _is_messages(value: Any) -> bool:
