@@ -262,7 +262,7 @@ class CrashAt(TrainerCallback):
 
 def test_crashed_midtrain_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(small_world, reference,
                                                                                             tmp_path):
-    cfg = mt_config(small_world[0].home, reference=reference, checkpoint_every=3)
+    cfg = mt_config(small_world[0].home, reference=reference, checkpoint_every=3, checkpoint_fraction=None)
     with pytest.raises(RuntimeError, match="simulated crash"):
         midtrain(cfg, run_dir=tmp_path / "crashy", callbacks=[CrashAt(5)])
     resumed = midtrain(cfg, run_dir=tmp_path / "crashy")

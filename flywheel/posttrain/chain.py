@@ -3,14 +3,17 @@
 Each stage starts from the previous stage's output and writes a plain HF folder (safetensors, tokenizer,
 chat template) under `home/runs/<name>/posttrain-<key>/<i>-<kind>/model`; the last one is the round's RL
 checkpoint. The key hashes the input checkpoint's weights, the stage list, the data and the seed: a rerun
-skips finished stages and resumes the one that crashed from its last Trainer checkpoint. Every stage's
-arguments and data are checked before any stage trains, so a typo in stage 3 fails in seconds, not hours.
+skips finished stages (each verified against its flywheel-manifest.json, else rebuilt) and resumes the one
+that crashed or got a SIGTERM from its last Trainer checkpoint. A NaN/inf loss or gradient stops a stage
+before it reaches a checkpoint (flywheel/safety.py). Every stage's arguments and data are checked before
+any stage trains, so a typo in stage 3 fails in seconds, not hours.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.checkpoints import reuse_verified, write_manifest
 from flywheel.config import FlywheelConfig, PosttrainStage
 from flywheel.data.io import (
     atomic_dir,
@@ -198,7 +202,7 @@ def trl_config(cfg: FlywheelConfig, plan: StagePlan, output_dir: Path) -> Any:
         "learning_rate": stage.lr,
         "per_device_train_batch_size": stage.batch_size,
         "save_strategy": "steps",
-        "save_steps": min(200, max(10, steps // 4)),
+        "save_steps": stage.checkpoint_every,  # plus checkpoint_fraction / _minutes: see _trainer
         "save_total_limit": 2,
         "logging_steps": 1 if plan.kind == "grpo" else max(1, steps // 50),  # grpo: every flat batch is seen
         "report_to": "none",
@@ -229,7 +233,8 @@ def trl_config(cfg: FlywheelConfig, plan: StagePlan, output_dir: Path) -> Any:
 
 def posttrain_key(cfg: FlywheelConfig, checkpoint_path: str, plans: list[StagePlan]) -> str:
     """The chain's cache key: input weights, the stage list, every stage's data, the seed."""
-    stages = [s.model_dump(mode="json") for s in cfg.posttrain.stages]
+    cadence = {"checkpoint_every", "checkpoint_fraction", "checkpoint_minutes"}  # when to save, not what
+    stages = [s.model_dump(mode="json", exclude=cadence) for s in cfg.posttrain.stages]
     return fingerprint(POSTTRAIN_VERSION, model_identity(checkpoint_path), stages,
                        [p.data.fingerprint for p in plans], cfg.seed, cfg.model.dtype, _world_size())
 
@@ -269,9 +274,15 @@ def posttrain(cfg: FlywheelConfig, checkpoint: str | Path, run_dir: Path | None 
 def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path,
               callbacks: list | None = None) -> StageResult:
     """Train one stage from `source` into `stage_dir/model`; reuse it if finished, resume it if it crashed."""
+    import torch
+    from accelerate import PartialState
+
     t0 = time.perf_counter()
     final = stage_dir / "model"
-    if final.is_dir():
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():  # rank 0 verifies (and removes a bad folder) before the others look
+        reuse = reuse_verified(final, log) if state.is_main_process else final.exists()
+    if reuse:
         saved = stage_dir / "stage.json"
         done = json.loads(saved.read_text()) if saved.exists() else {}
         return StageResult(plan.index, plan.kind, final, reused=True, steps=done.get("steps", 0),
@@ -289,8 +300,9 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
     resume = last_complete_checkpoint(stage_dir / "checkpoints")
     start_step = int(resume.rsplit("-", 1)[1]) if resume else 0
     t_train = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)  # raises NonFiniteError / Preempted: nothing is published
     train_s = time.perf_counter() - t_train
+    trainer.check_weights_finite(f"the weights after {plan.where} ({plan.kind})")  # every rank, before publishing
     steps = trainer.state.global_step - start_step
     history = trainer.state.log_history
     if plan.kind == "grpo":
@@ -304,6 +316,7 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
             write_json(tmp / "flywheel-posttrain.json", {"kind": plan.kind, "stage": plan.index,
                                                          "source": source, "data": plan.data.source,
                                                          "steps": trainer.state.global_step})
+            write_manifest(tmp)  # last: reuse verifies against it
         write_json(stage_dir / "stage.json", {"steps": steps, "seconds_per_step": result.seconds_per_step,
                                               "log_history": history, "notes": notes})
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
@@ -312,21 +325,35 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
     return result
 
 
-def _trainer(plan: StagePlan, model: Any, tok: Any, args: Any, dataset: Any, callbacks: list | None) -> Any:
-    """The TRL trainer for a stage; DPO builds its own frozen reference copy of the input model."""
+@functools.cache
+def safe_trainer_class(kind: str) -> type:
+    """TRL's trainer for `kind` with flywheel's `TrainingSafety` (NaN guard, cadence, SIGTERM) mixed in."""
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
+    from flywheel.safety import TrainingSafety
+
+    base = {"sft": SFTTrainer, "dpo": DPOTrainer, "grpo": GRPOTrainer}[kind]
+    return type(f"Safe{base.__name__}", (TrainingSafety, base), {"__module__": __name__})
+
+
+def _trainer(plan: StagePlan, model: Any, tok: Any, args: Any, dataset: Any, callbacks: list | None) -> Any:
+    """The TRL trainer for a stage; DPO builds its own frozen reference copy of the input model."""
     from flywheel.posttrain.monitor import ZeroAdvantageMonitor
 
     callbacks = list(callbacks or [])
+    stage = plan.stage
+    safety = {"stage": f"{plan.where} ({plan.kind})", "lr_field": f"{plan.where}.lr",
+              "restart_from": "the stage's input checkpoint", "checkpoint_fraction": stage.checkpoint_fraction,
+              "checkpoint_minutes": stage.checkpoint_minutes, "failpoint": "posttrain-checkpoint"}
+    cls = safe_trainer_class(plan.kind)
     if plan.kind == "sft":
-        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                          callbacks=callbacks)
+        return cls(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
+                   **safety)
     if plan.kind == "dpo":
-        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok,
-                          callbacks=callbacks)
-    return GRPOTrainer(model=model, reward_funcs=plan.rewards, args=args, train_dataset=dataset,
-                       processing_class=tok, callbacks=[ZeroAdvantageMonitor(), *callbacks])
+        return cls(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok,
+                   callbacks=callbacks, **safety)
+    return cls(model=model, reward_funcs=plan.rewards, args=args, train_dataset=dataset, processing_class=tok,
+               callbacks=[ZeroAdvantageMonitor(), *callbacks], **safety)
 
 
 def _on_policy_rows(cfg: FlywheelConfig, plan: StagePlan, model: Any, tok: Any, stage_dir: Path

@@ -1,15 +1,18 @@
 """The mid-training stage: `midtrain(cfg, base, reference) -> checkpoint`, the anneal with ReMiT or a baseline.
 
 Short warmup, then the learning rate decays to zero over `token_budget` tokens. Output is a
-plain HF folder (safetensors + tokenizer) under `home/runs/<name>/midtrain-<key>/model`,
-where the key hashes everything the result depends on: a rerun with the same inputs returns
-the finished folder; a rerun after a crash resumes from the Trainer's last checkpoint.
+plain HF folder (safetensors + tokenizer + flywheel-manifest.json) under
+`home/runs/<name>/midtrain-<key>/model`, where the key hashes everything the result depends on:
+a rerun with the same inputs returns the finished folder once it verifies against its manifest
+(else it is rebuilt); a rerun after a crash or a SIGTERM resumes from the Trainer's last checkpoint.
+A NaN/inf loss or gradient stops the stage before it reaches a checkpoint (flywheel/safety.py).
 Works unchanged under `accelerate launch` (DDP/FSDP come from the Trainer).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.checkpoints import reuse_verified, write_manifest
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import atomic_dir, fingerprint, last_complete_checkpoint, write_json
 from flywheel.data.mixture import build_mixture
@@ -31,6 +35,8 @@ from flywheel.models import (
     resolve_model,
     tokenizer_identity,
 )
+
+log = logging.getLogger("flywheel.midtrain")
 
 MIDTRAIN_VERSION = 1
 NEEDS_REFERENCE = ("remit", "kd", "rho1")
@@ -95,7 +101,8 @@ def training_arguments(cfg: FlywheelConfig, output_dir: Path | str, steps: int, 
 
 def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corpus_key: str) -> str:
     """The stage's cache key: its config section, the base and reference weights, the data, the seed."""
-    section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "score_batch_size"})
+    section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "checkpoint_fraction",
+                                                             "checkpoint_minutes", "score_batch_size"})
     ref_id = model_identity(ref_path) if ref_path and cfg.midtrain.objective in NEEDS_REFERENCE else None
     return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
                        cfg.model.dtype, _world_size())
@@ -128,6 +135,10 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
             "(a local folder or hub id), or run a flywheel round so the registry supplies it"
         )
     base_path = resolve_model(cfg, base)
+    from flywheel.models import check_midtrain_models
+
+    # a folder that is not a model, or a seq_len longer than its positions: one sentence, before any work
+    check_midtrain_models(cfg, base, reference if mt.objective in NEEDS_REFERENCE else None)
     tok = load_tokenizer(cfg, cfg.model.tokenizer or base)
     ref_path = resolve_model(cfg, reference) if reference and mt.objective in NEEDS_REFERENCE else None
     if ref_path:
@@ -143,7 +154,10 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     key = midtrain_key(cfg, base_path, ref_path, corpus.key)
     run_dir = run_dir or cfg.home / "runs" / cfg.name / f"midtrain-{key}"
     final = run_dir / "model"
-    if (final / "model.safetensors").exists():
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():  # rank 0 verifies (and removes a bad folder) before the others look
+        reuse = reuse_verified(final, log) if state.is_main_process else final.exists()
+    if reuse:
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
         html = run_dir / "remit-weights.html"
         return MidtrainResult(final, run_dir, key, reused=True, metrics=metrics, html=html if html.exists() else None)
@@ -172,9 +186,16 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         kd_top_k=mt.kd_top_k,
         diagnostics=diagnostics,
         callbacks=callbacks,
+        stage="midtrain",
+        lr_field="midtrain.lr",
+        restart_from="the base",
+        checkpoint_fraction=mt.checkpoint_fraction,
+        checkpoint_minutes=mt.checkpoint_minutes,
+        failpoint="midtrain-checkpoint",
     )
     resume = last_complete_checkpoint(Path(args.output_dir))
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)  # raises NonFiniteError / Preempted: nothing is published
+    trainer.check_weights_finite("the mid-trained weights")  # on every rank, before rank 0 publishes
 
     result = MidtrainResult(final, run_dir, key, resumed_from=resume)
     if trainer.is_world_process_zero():
@@ -190,6 +211,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
             tok.save_pretrained(tmp)
             write_json(tmp / "flywheel-midtrain.json", {k: v for k, v in result.metrics.items() if k != "log_history"}
                        | {"key": key})
+            write_manifest(tmp)  # last: reuse verifies against it
         write_json(run_dir / "metrics.json", result.metrics)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -34,6 +34,7 @@ from flywheel.data.io import fingerprint, publish, write_json
 from flywheel.data.mixture import PackedCorpus, build_mixture
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
+from flywheel.failpoints import failpoint
 from flywheel.models import (
     check_same_vocabulary,
     load_model,
@@ -201,6 +202,7 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
             np.save(f, out)
         publish(f.name, path)
         computed.append(c)
+        failpoint("score-reference-chunk")  # crash tests: a kill here must lose no finished chunk
     chunks = [
         {"file": f"chunk-{c:05d}.npy", "rows": min(len(packed), (c + 1) * rows_per_chunk) - c * rows_per_chunk,
          "sha256": _sha256(partial / f"chunk-{c:05d}.npy")}

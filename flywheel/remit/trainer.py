@@ -1,7 +1,8 @@
-"""`ReMiTTrainer`: the HF Trainer with ReMiT (or a baseline) as its loss; nothing else changed.
+"""`ReMiTTrainer`: the HF Trainer with ReMiT (or a baseline) as its loss, and flywheel's training safety.
 
 Checkpointing, logging, resume, gradient accumulation and accelerate/DDP/FSDP all stay the
-Trainer's. The loss is the global mean over valid target tokens (the paper's Eq. 6): the
+Trainer's; `TrainingSafety` (flywheel/safety.py) adds the NaN/inf guard, the checkpoint cadence and
+save-and-stop on SIGTERM, the same mixin the post-training stages use. The loss is the global mean over valid target tokens (the paper's Eq. 6): the
 Trainer counts the valid labels of every micro-batch in the optimizer step across devices
 (`num_items_in_batch`), we divide the weighted sum by that count, and scale by the number
 of processes because DDP averages gradients.
@@ -19,6 +20,7 @@ from flywheel.data.packing import Packed
 from flywheel.remit import objectives
 from flywheel.remit.diagnostics import Diagnostics
 from flywheel.remit.scoring import ReferenceCache, reference_logprobs
+from flywheel.safety import TrainingSafety
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -42,8 +44,8 @@ class PackedDataset(torch.utils.data.Dataset):
         return item
 
 
-class ReMiTTrainer(Trainer):
-    """Trainer whose `compute_loss` is one of ntp / remit / kd / rho1."""
+class ReMiTTrainer(TrainingSafety, Trainer):
+    """Trainer whose `compute_loss` is one of ntp / remit / kd / rho1 (safety keywords: see `TrainingSafety`)."""
 
     loss_is_scaled_for_ga = True  # our loss is already divided by the step's global token count
 

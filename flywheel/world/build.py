@@ -5,21 +5,26 @@ Layout under `<home>/world/`:
     s<seed>-<data hash>/tokenizer/          the HF fast tokenizer
     s<seed>-<data hash>/base-<size>-<hash>/ the pre-anneal base: a plain HF folder (safetensors)
 Each folder is built under a temporary name and renamed when complete, so a rerun with the
-same seed and settings reuses it and an interrupted build leaves nothing half-written.
+same seed and settings reuses it and an interrupted build leaves nothing half-written. The base
+carries a flywheel-manifest.json and is reused only when it verifies against it (else rebuilt).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel.checkpoints import reuse_verified, write_manifest
 from flywheel.config import WORLD_SIZES, FlywheelConfig, WorldConfig
 from flywheel.data.io import atomic_dir, fingerprint, read_jsonl, write_json
 from flywheel.errors import FlywheelError
+
+log = logging.getLogger("flywheel.world")
 
 WORLD_VERSION = 1  # bump when the generator or the corpora change meaning
 
@@ -180,13 +185,14 @@ def build_world(cfg: FlywheelConfig, size: str | None = None, ladder: bool = Tru
                                             "settings": _data_fields(cfg.world)})
     counts = json.loads((paths.root / "world.json").read_text())["counts"]
 
-    reused_base = (paths.base / "model.safetensors").exists()
+    reused_base = reuse_verified(paths.base, log)  # a truncated or hand-edited base is rebuilt, not trained on
     params = 0
     if not reused_base:
         with atomic_dir(paths.base) as tmp:
             params, train_loss = _pretrain(paths, cfg, tmp)
             write_json(tmp / "flywheel-base.json", {"size": paths.size, "seed": cfg.seed, "train_loss": train_loss,
                                                     "settings": _train_fields(cfg.world), "params": params})
+            write_manifest(tmp)  # last: reuse verifies against it
     report = BuildReport(paths, reused_corpora, reused_base, counts)
     report.params = json.loads((paths.base / "flywheel-base.json").read_text())["params"]
     if ladder:
