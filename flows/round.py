@@ -11,34 +11,39 @@ Progress reaches the Prefect log through `LogProgress` and the tasks' own log li
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
-from prefect.concurrency.sync import concurrency
+from prefect.cache_policies import NO_CACHE
 from transformers import TrainerCallback
 
 from flywheel import rounds
 from flywheel.config import FlywheelConfig, load_config, validate_config
-from flywheel.errors import FlywheelError
-
-CACHED = INPUTS + TASK_SOURCE  # a task reruns only when its inputs or its code change
+from flywheel.errors import FlywheelError, is_permanent_os_error
+from flywheel.slot import RoundSlot
 
 
 def _no_retry_on_user_error(task, task_run, state) -> bool:  # noqa: ANN001
-    """Retry transient failures; a FlywheelError (bad config/data) fails the same way every time."""
+    """Retry transient failures; bad input, a full disk or a missing permission fail the same way every time."""
     try:
         state.result()
     except FlywheelError:
         return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return not is_permanent_os_error(exc)
     return True
 
 
+# No Prefect result cache: every stage writes registry state, and a cached result naming a registry version
+# outlives the store it names (a lost or replaced MLflow store). Reuse lives in the stages themselves, keyed
+# by content: verified checkpoints, the reference cache, registration by checkpoint key, recorded verdicts.
 STAGE = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _no_retry_on_user_error,
-         "cache_policy": CACHED, "persist_result": True}
+         "cache_policy": NO_CACHE}
 
 
 class LogProgress(TrainerCallback):
@@ -93,12 +98,93 @@ def concurrency_limit_name(cfg: FlywheelConfig) -> str:
     return f"flywheel-{cfg.name}"
 
 
-def ensure_round_limit(cfg: FlywheelConfig) -> None:
-    """One round at a time per flywheel: a global concurrency limit of 1 named after it."""
+def _server_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+LEASE_SECONDS = 60  # a dead remote holder's slot comes back within this plus the server's 15 s lease scan
+
+
+@contextmanager
+def server_slot(cfg: FlywheelConfig, slot: RoundSlot, say: Callable[[str], None],
+                say_every: float = 60.0) -> Iterator[None]:
+    """On a Prefect server, also hold its global concurrency limit: one round at a time across machines.
+
+    The lease is taken and renewed here (not with `prefect.concurrency`) so its id goes into the
+    trigger's record, and the next trigger on this host releases a dead holder's lease at once.
+    The embedded temporary server never reclaims expired leases, so it relies on the lock alone.
+    """
+    if _server_url() is None:
+        yield
+        return
+    import httpx
     from prefect.client.orchestration import get_client
 
+    name = concurrency_limit_name(cfg)
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(concurrency_limit_name(cfg), 1)
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+        t0 = last = time.monotonic()
+        while True:
+            try:
+                resp = client.increment_concurrency_slots_with_lease([name], 1, "concurrency", LEASE_SECONDS)
+                lease_id = resp.json()["lease_id"]
+                break
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:
+                    raise
+            if time.monotonic() - last >= say_every:
+                say(f"waiting for the server slot {name} (held by a round on another host); "
+                    f"waited {time.monotonic() - t0:.0f} s")
+                last = time.monotonic()
+            time.sleep(2)
+    slot.update(lease_id=str(lease_id))
+    stop = threading.Event()
+
+    def renew() -> None:
+        with get_client(sync_client=True) as c:
+            while not stop.wait(LEASE_SECONDS / 3):
+                try:
+                    c.renew_concurrency_lease(lease_id, LEASE_SECONDS)
+                except Exception as exc:  # noqa: BLE001 - a missed renewal is retried; the lease outlives two
+                    say(f"renewing the server slot {name} failed ({exc}); retrying")
+
+    keeper = threading.Thread(target=renew, name="flywheel-slot-lease", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(lease_id)
+
+
+def clean_up_after(stale: list[dict[str, Any]], say: Callable[[str], None]) -> None:
+    """Triggers that died on this host: crash their flow runs (still shown Running) and free their server lease."""
+    if not stale:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for rec in stale:
+            what = f"pid {rec.get('pid')} (flow run {rec.get('flow_run_id') or '-'})"
+            if rec.get("lease_id") and _server_url() is not None:
+                try:
+                    client.release_concurrency_slots_with_lease(rec["lease_id"])
+                except Exception:  # noqa: BLE001 - already expired and reclaimed by the server
+                    pass
+            if rec.get("flow_run_id"):
+                try:
+                    run = client.read_flow_run(rec["flow_run_id"])
+                except Exception:  # noqa: BLE001 - a run of another (lost) Prefect database
+                    run = None
+                if run is not None and run.state is not None and not run.state.is_final():
+                    client.set_flow_run_state(rec["flow_run_id"], Crashed(
+                        message=f"its process ({what}) died without finishing; found by the next trigger"),
+                        force=True)
+            say(f"a previous trigger died without finishing: {what}; its round is resumed")
 
 
 def apply_overrides(cfg: FlywheelConfig, objective: str | None, token_budget: int | None,
@@ -133,25 +219,35 @@ def flywheel_round(
     logger = get_run_logger()
     cfg = apply_overrides(load_config(config), objective, token_budget, epsilon, force_promotion)
     data = cfg.model_dump(mode="json")
-    ensure_round_limit(cfg)
-    # The next round is decided inside the slot. A short lease (renewed while the round runs) frees the slot
-    # within a minute when a round is killed, instead of blocking the next trigger for the default 5 minutes.
-    with concurrency(concurrency_limit_name(cfg), occupy=1, lease_duration=60):
-        plan = plan_round_task(data, round)
-        if plan["finished"]:
-            logger.info("round %s is finished already (RL version %s); nothing to do", plan["round"],
-                        plan["rl_version"])
-            return plan
-        logger.info("round %d: %s", plan["round"],
-                    f"ReMiT guided by {plan['reference_version']}" if plan["reference_version"] else "NTP (round 0)")
-        score_reference_task(data, plan)
-        base = midtrain_task(data, plan)
-        if base.get("note"):
-            logger.warning(base["note"])
-        base_eval = evaluate_task(data, plan, base["checkpoint"], "base")
-        rl = posttrain_task(data, plan, base)
-        post_eval = evaluate_task(data, plan, rl["checkpoint"], "post")
-        decision = promote_task(data, plan, rl, post_eval["metrics"])
+    rounds.check_gate_metric(cfg)  # before waiting for the slot, before any work
+    from prefect.runtime import flow_run
+
+    # The next round is decided inside the slot, so two triggers become two rounds and a rerun after a kill
+    # re-enters the killed round.
+    with RoundSlot(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, say=logger.info) as slot:
+        clean_up_after(slot.stale, logger.warning)  # first: frees a dead holder's server lease at once
+        with server_slot(cfg, slot, logger.info):
+            return _round_in_slot(cfg, data, round)
+
+
+def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None) -> dict[str, Any]:
+    """The stages of one round, run while this trigger holds the flywheel's slot."""
+    logger = get_run_logger()
+    plan = plan_round_task(data, round)
+    if plan["finished"]:
+        logger.info("round %s is finished already (RL version %s); nothing to do", plan["round"],
+                    plan["rl_version"])
+        return plan
+    logger.info("round %d%s: %s", plan["round"], " (resumed)" if plan.get("resumed") else "",
+                f"ReMiT guided by {plan['reference_version']}" if plan["reference_version"] else "NTP (round 0)")
+    score_reference_task(data, plan)
+    base = midtrain_task(data, plan)
+    if base.get("note"):
+        logger.warning(base["note"])
+    base_eval = evaluate_task(data, plan, base["checkpoint"], "base")
+    rl = posttrain_task(data, plan, base)
+    post_eval = evaluate_task(data, plan, rl["checkpoint"], "post")
+    decision = promote_task(data, plan, rl, post_eval["metrics"])
     report = rounds.round_report(cfg, plan, base_eval, post_eval, decision, note=base.get("note"))
     create_markdown_artifact(report, key=f"{cfg.name}-round-{plan['round']}".lower().replace("_", "-"),
                              description=f"{cfg.name} round {plan['round']}")

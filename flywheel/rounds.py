@@ -9,11 +9,14 @@ same checkpoint twice returns the existing registry version.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import fingerprint
+from flywheel.failpoints import failpoint
 from flywheel.tracking.compare import log_round_metrics
 from flywheel.tracking.registry import (
     T_BASE_SOURCE,
@@ -40,20 +43,39 @@ def round_config(cfg: FlywheelConfig, plan: RoundPlan) -> FlywheelConfig:
     return cfg
 
 
+T_PLAN = "flywheel.plan"  # on the round run: the plan made when the round started, reused when it is re-entered
+
+
 def plan_round(cfg: FlywheelConfig, round_n: int | None = None) -> dict[str, Any]:
-    """Read the registry: which round, which reference, which base (a scheduled round passes nothing)."""
+    """Read the registry: which round, which reference, which base (a scheduled round passes nothing).
+
+    The round is a state machine you can re-enter: the plan is recorded on the round run when the
+    round starts, and a round without a promotion verdict is the round in progress. A rerun after a
+    kill at any point takes that round's recorded plan and finishes it before a new round can start.
+    Call it holding the flywheel's round slot: it also marks dead processes' stage runs KILLED.
+    """
+    from flywheel.errors import FlywheelError
+
+    check_gate_metric(cfg)
     tracker = open_tracker(cfg)
+    check_store_history(cfg, tracker)
+    tracker.kill_dead_runs()
+    open_round = round_in_progress(tracker)
+    if open_round is not None:
+        n, recorded = open_round
+        if round_n is None or round_n == n:
+            return {**_resolved(tracker, recorded), "round": n, "finished": False, "resumed": True}
+        raise FlywheelError(f"round: round {n} is in progress (started, not yet decided); finish it first by "
+                            f"running without a round number (or with round {n})")
     plan = next_round(tracker)
     if round_n is not None and round_n != plan.round:
         done = get_alias(tracker, rl_model_name(cfg), f"round-{round_n}")
         if done is not None and T_PROMOTION in done.tags:
             return {"round": round_n, "finished": True, "rl_version": str(done.version)}
         if round_n > plan.round:
-            from flywheel.errors import FlywheelError
-
             raise FlywheelError(f"round: {round_n} cannot run before round {plan.round} exists; "
                                 f"run round {plan.round} (or leave round empty for the next one)")
-    return {
+    out = {
         "round": plan.round if round_n is None else round_n,
         "finished": False,
         "reference_version": plan.reference_version,
@@ -61,6 +83,97 @@ def plan_round(cfg: FlywheelConfig, round_n: int | None = None) -> dict[str, Any
         "base": plan.base,
         "base_version": plan.base_version,
     }
+    tracker.set_tags(tracker.round_run(out["round"]), {T_PLAN: json.dumps(
+        {k: out[k] for k in ("reference_version", "base", "base_version")})})
+    record_round(cfg, tracker, out["round"])
+    return out
+
+
+def round_in_progress(tracker: Tracker) -> tuple[int, dict[str, Any]] | None:
+    """The earliest round that recorded a plan but has no promotion verdict yet, with that plan."""
+    open_rounds = sorted((n, run) for n, run in tracker.round_runs().items()
+                         if T_PLAN in run.data.tags and T_PROMOTION not in run.data.tags)
+    if not open_rounds:
+        return None
+    n, run = open_rounds[0]
+    return n, json.loads(run.data.tags[T_PLAN])
+
+
+def _resolved(tracker: Tracker, recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded plan with its registry versions turned into local folders again (they may live elsewhere now)."""
+    from flywheel.tracking.registry import version_path
+
+    out = dict(recorded, reference_path=None)
+    if recorded.get("reference_version"):
+        name, _, version = recorded["reference_version"].rpartition("/")
+        out["reference_path"] = str(version_path(tracker, tracker.client.get_model_version(name, version)))
+    if recorded.get("base_version"):
+        out["base"] = str(version_path(tracker, tracker.client.get_model_version(base_model_name(tracker.cfg),
+                                                                                 recorded["base_version"])))
+    return out
+
+
+def check_gate_metric(cfg: FlywheelConfig) -> None:
+    """`promotion.metric` must be a name the evaluation will report: checked before any work, not after it."""
+    from flywheel.errors import FlywheelError
+    from flywheel.evaluation.registry import BUNDLED, PRESETS, TASKS_DIR
+    from flywheel.metrics import AVG, PREFIX, metric_key
+
+    metric = cfg.promotion.metric
+    if metric == AVG:
+        return
+    tasks = [t for n in cfg.evaluation.tasks for t in ([t for t, _ in PRESETS[n]] if n in PRESETS else [n])]
+    known: list[str] = [AVG]
+    for task in dict.fromkeys([*cfg.evaluation.tasks, *tasks]):
+        if task in BUNDLED:  # our own task files: their metric_list lines name every metric they report
+            text = (TASKS_DIR / f"{task}.yaml").read_text()
+            known += [metric_key(task, m) for m in re.findall(r"^\s*-\s*metric:\s*(\S+)", text, re.M)]
+        elif task not in PRESETS and metric.startswith(metric_key(task, "")):
+            return  # an lm-eval task whose metric names are known only after it runs
+    if metric not in known:
+        raise FlywheelError(f"promotion.metric: '{metric}' is not a metric the evaluation reports (tasks "
+                            f"{', '.join(cfg.evaluation.tasks)}); use one of {', '.join(known)}"
+                            + ("" if metric.startswith(PREFIX) else f" (names start with '{PREFIX}')"))
+
+
+def _ledger(cfg: FlywheelConfig) -> Path:
+    return cfg.home / "state" / f"{cfg.name}-rounds.json"
+
+
+def record_round(cfg: FlywheelConfig, tracker: Tracker, round_n: int) -> None:
+    """Remember, beside the checkpoints, which rounds this home ran and in which tracking store."""
+    from flywheel.data.io import write_json
+    from flywheel.tracking.store import tracking_uri
+
+    path = _ledger(cfg)
+    led = json.loads(path.read_text()) if path.exists() else {}
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    write_json(path, {"tracking_uri": tracking_uri(cfg), "experiment_id": tracker.experiment_id,
+                      "experiment_created": exp.creation_time,
+                      "rounds": sorted({*led.get("rounds", []), round_n})})
+
+
+def check_store_history(cfg: FlywheelConfig, tracker: Tracker) -> None:
+    """A tracking store that lost the rounds this home ran is an error, never a silent restart at round 0."""
+    from flywheel.errors import FlywheelError
+    from flywheel.tracking.store import tracking_uri
+
+    path = _ledger(cfg)
+    if not path.exists():
+        return
+    led = json.loads(path.read_text())
+    missing = sorted(set(led.get("rounds", [])) - set(tracker.round_runs()))
+    if not missing:
+        return
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    replaced = led.get("experiment_created") not in (None, exp.creation_time)
+    raise FlywheelError(
+        f"tracking: the MLflow store at {tracking_uri(cfg)} has no record of round(s) "
+        f"{', '.join(map(str, missing))} that this home ran ({path})"
+        + (" and its experiment was created anew" if replaced else "")
+        + "; the store was lost or replaced. Restore it and rerun, or delete that file to start this flywheel "
+        f"again from round 0 in this store (finished checkpoints under {cfg.home / 'runs'} are reused where they "
+        "verify, so only registration, evaluation and promotion are redone)")
 
 
 def _plan(p: dict[str, Any]) -> RoundPlan:
@@ -109,6 +222,7 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
                   T_BASE_SOURCE: base_source,
                   T_DATA: corpus_key},
         )
+    failpoint("base-registered")
     out = {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
     repeat = repeated_round(tracker, cfg, plan.round, res.key)
     if repeat is not None:
@@ -137,19 +251,37 @@ def _log_source(tracker: Tracker, run: str, cfg: FlywheelConfig, source: str, di
 
 
 def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind: str) -> dict[str, Any]:
-    """Evaluate a checkpoint (base: few-shot; post: zero-shot with the chat template) and log round metrics."""
+    """Evaluate a checkpoint (base: few-shot; post: zero-shot with the chat template) and log round metrics.
+
+    A rerun of the round (after a kill) reuses the scores of a checkpoint it already evaluated: the
+    key is the checkpoint's manifest (sizes and checksums of its files), so rebuilt weights are re-scored.
+    """
+    from flywheel.data.io import file_fingerprint, write_json
     from flywheel.evaluation import evaluate
 
+    manifest = Path(checkpoint) / "flywheel-manifest.json"
+    memo = None
+    if manifest.exists():
+        memo = cfg.home / "evals" / "verified" / (fingerprint(
+            file_fingerprint(manifest), kind, cfg.model.dtype, cfg.evaluation.model_dump(mode="json")) + ".json")
     tracker = open_tracker(cfg)
     with tracker.stage_run(p["round"], f"evaluate/{kind}", {"evaluation": cfg.evaluation.model_dump(mode="json"),
                                                              "checkpoint": checkpoint}) as run:
-        result = evaluate(cfg, checkpoint, kind=kind)
-        tracker.log_metrics(run, result.metrics)
-        for path in (result.results_path, result.samples_path):
-            if path is not None and Path(path).exists():
-                tracker.log_artifact(run, Path(path), "eval")
-    log_round_metrics(tracker, p["round"], result.metrics, kind)
-    return {"metrics": result.metrics}
+        if memo is not None and memo.exists():
+            metrics = json.loads(memo.read_text())["metrics"]
+            tracker.set_tags(run, {"flywheel.reused": memo})
+            tracker.log_metrics(run, metrics)
+        else:
+            result = evaluate(cfg, checkpoint, kind=kind)
+            metrics = result.metrics
+            tracker.log_metrics(run, metrics)
+            for path in (result.results_path, result.samples_path):
+                if path is not None and Path(path).exists():
+                    tracker.log_artifact(run, Path(path), "eval")
+            if memo is not None:
+                write_json(memo, {"checkpoint": checkpoint, "kind": kind, "metrics": metrics})
+    log_round_metrics(tracker, p["round"], metrics, kind)
+    return {"metrics": metrics}
 
 
 def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any],
@@ -173,6 +305,7 @@ def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any]
         tags={T_BASE_VERSION: base["version"], T_BASE_SOURCE: p["base"],
               T_REFERENCE: p["reference_version"].split("/")[-1] if p["reference_version"] else "none"},
     )
+    failpoint("rl-registered")
     return {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
 
 
@@ -181,8 +314,10 @@ def stage_promote(cfg: FlywheelConfig, p: dict[str, Any], rl: dict[str, Any], me
     tracker = open_tracker(cfg)
     with tracker.stage_run(p["round"], "promote", {"promotion": cfg.promotion.model_dump(mode="json")}) as run:
         candidate = tracker.client.get_model_version(rl_model_name(cfg), rl["version"])
-        d = promote(tracker, candidate, metrics, round_run_id=tracker.round_run(p["round"]))
+        round_run = tracker.round_run(p["round"])
+        d = promote(tracker, candidate, metrics, round_run_id=round_run)
         tracker.set_tags(run, {"promoted": d.promoted, "reason": d.reason})
+    tracker.client.set_terminated(round_run, "FINISHED")  # the round is decided: its run is not left RUNNING
     return {"promoted": d.promoted, "reason": d.reason, "version": d.candidate_version,
             "previous": d.previous_version}
 
@@ -215,14 +350,17 @@ def _uri(cfg: FlywheelConfig) -> str:
 
 def run_round_direct(cfg: FlywheelConfig, round_n: int | None = None) -> dict[str, Any]:
     """The same stages without Prefect: for tests, benchmarks and users who orchestrate otherwise."""
-    p = plan_round(cfg, round_n)
-    if p["finished"]:
-        return p
-    stage_score_reference(cfg, p)
-    base = stage_midtrain(cfg, p)
-    base_eval = stage_evaluate(cfg, p, base["checkpoint"], "base")
-    rl = stage_posttrain(cfg, p, base)
-    post_eval = stage_evaluate(cfg, p, rl["checkpoint"], "post")
-    decision = stage_promote(cfg, p, rl, post_eval["metrics"])
+    from flywheel.slot import RoundSlot
+
+    with RoundSlot(cfg):
+        p = plan_round(cfg, round_n)
+        if p["finished"]:
+            return p
+        stage_score_reference(cfg, p)
+        base = stage_midtrain(cfg, p)
+        base_eval = stage_evaluate(cfg, p, base["checkpoint"], "base")
+        rl = stage_posttrain(cfg, p, base)
+        post_eval = stage_evaluate(cfg, p, rl["checkpoint"], "post")
+        decision = stage_promote(cfg, p, rl, post_eval["metrics"])
     return {**p, "base": base, "rl": rl, "base_eval": base_eval, "post_eval": post_eval, "decision": decision,
             "key": fingerprint(base["key"], rl["key"])}

@@ -13,7 +13,9 @@ def log_round_metrics(tracker: Tracker, round_n: int, metrics: dict[str, float],
     """Round-level metrics (`<kind>/<name>`, kind = base or post) on the round run and, with step=N, the summary run."""
     named = {f"{kind}/{k}": v for k, v in metrics.items()}
     tracker.log_metrics(tracker.round_run(round_n), named, step=round_n)
-    tracker.log_metrics(tracker.summary_run(), named, step=round_n)
+    summary = tracker.summary_run()
+    tracker.log_metrics(summary, named, step=round_n)
+    tracker.client.set_terminated(summary, "FINISHED")  # not left RUNNING between rounds (logging reopens nothing)
 
 
 @dataclass

@@ -30,6 +30,7 @@ T_RUN = "flywheel.run_id"
 T_KEY = "flywheel.checkpoint_key"
 T_PROMOTION = "flywheel.promotion"
 T_METRIC_PREFIX = "flywheel.metric."
+T_PREVIOUS = "flywheel.previous_reference"
 
 
 def base_model_name(cfg: FlywheelConfig) -> str:
@@ -90,6 +91,12 @@ def register_checkpoint(tracker: Tracker, *, model: str, checkpoint: Path, run_i
     existing = find_version(tracker, model, key)
     if existing is not None:
         return existing
+    from flywheel.checkpoints import first_non_finite
+
+    bad = first_non_finite(Path(checkpoint))
+    if bad is not None:
+        raise FlywheelError(f"{model}: refusing to register {checkpoint}: tensor '{bad}' has non-finite values; "
+                            "the run diverged (lower the learning rate) and this checkpoint must not be used")
     _ensure_registered_model(tracker, model)
     if tracker.cfg.tracking.register_by_reference:
         source = Path(checkpoint).resolve().as_uri()
@@ -165,7 +172,11 @@ def version_metric(version: Any, metric: str) -> float | None:
 
 def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_run_id: str | None = None,
             force: bool | None = None) -> PromotionDecision:
-    """Move `@reference` to the candidate unless its metric is worse than the reference's by more than min_delta."""
+    """Move `@reference` to the candidate unless its metric is worse than the reference's by more than min_delta.
+
+    Re-entrant: the verdict is written on the version before the alias moves, and the round run's
+    tag last, so a promote killed at any point finishes what it decided when the round is rerun.
+    """
     cfg = tracker.cfg
     model = rl_model_name(cfg)
     metric = cfg.promotion.metric
@@ -175,37 +186,64 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
                             f"({', '.join(sorted(metrics)) or 'none'}); pick one of those")
     value = float(metrics[metric])
     client = tracker.client
-    for k, v in metrics.items():
-        client.set_model_version_tag(model, str(candidate.version), T_METRIC_PREFIX + k, str(v))
     with _promotion_lock(cfg):
-        current = get_alias(tracker, model, "reference")
-        prev_value = version_metric(current, metric) if current is not None else None
-        if current is not None and str(current.version) == str(candidate.version):
-            decision = PromotionDecision(True, str(candidate.version), str(current.version), value, prev_value,
-                                         "already the reference")
-        elif current is None:
-            decision = PromotionDecision(True, str(candidate.version), None, value, None, "first reference of this flywheel")
-        elif force:
-            decision = PromotionDecision(True, str(candidate.version), str(current.version), value, prev_value,
-                                         f"forced (promotion.force); {metric} {value:.4f} vs {prev_value}")
-        elif prev_value is None or value >= prev_value - cfg.promotion.min_delta:
-            decision = PromotionDecision(True, str(candidate.version), str(current.version), value, prev_value,
-                                         f"{metric} {value:.4f} >= reference v{str(current.version)} {prev_value} - "
-                                         f"min_delta {cfg.promotion.min_delta:g}")
-        else:
-            decision = PromotionDecision(False, str(candidate.version), str(current.version), value, prev_value,
-                                         f"{metric} {value:.4f} < reference v{str(current.version)} {prev_value:.4f} - "
-                                         f"min_delta {cfg.promotion.min_delta:g}; kept v{str(current.version)}")
+        candidate = client.get_model_version(model, str(candidate.version))  # fresh tags: a rerun sees the verdict
+        recorded = candidate.tags.get(T_PROMOTION)
+        if recorded is None or (force and not recorded.startswith("promoted")):  # force re-decides a rejection
+            for k, v in metrics.items():
+                client.set_model_version_tag(model, str(candidate.version), T_METRIC_PREFIX + k, str(v))
+            decision = _decide(tracker, candidate, value, force)
+            verdict = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
+            client.set_model_version_tag(model, str(candidate.version), T_PREVIOUS, decision.previous_version or "")
+            client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, verdict)
+        else:  # decided before a crash: carry out the recorded verdict, never decide twice
+            verdict = recorded
+            previous = candidate.tags.get(T_PREVIOUS) or None
+            prev_value = None
+            if previous:
+                prev_value = version_metric(client.get_model_version(model, previous), metric)
+            decision = PromotionDecision(recorded.startswith("promoted"), str(candidate.version), previous, value,
+                                         prev_value, recorded.split(": ", 1)[-1])
+        from flywheel.failpoints import failpoint
+
+        failpoint("promote")  # crash test: killed between the recorded verdict and the alias move
         if decision.promoted:
             client.set_registered_model_alias(model, "reference", str(candidate.version))
         pending = get_alias(tracker, model, "candidate")
         if pending is not None and str(pending.version) == str(candidate.version):
             client.delete_registered_model_alias(model, "candidate")  # promotion has decided
-        verdict = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
-        client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, verdict)
         if round_run_id:
             tracker.set_tags(round_run_id, {T_PROMOTION: verdict, "flywheel.promoted": str(decision.promoted).lower()})
     return decision
+
+
+def _decide(tracker: Tracker, candidate: Any, value: float, force: bool) -> PromotionDecision:
+    """The gate itself: non-finite weights never pass; otherwise compare with the current reference."""
+    from flywheel.checkpoints import first_non_finite
+
+    cfg = tracker.cfg
+    metric = cfg.promotion.metric
+    current = get_alias(tracker, rl_model_name(cfg), "reference")
+    prev_value = version_metric(current, metric) if current is not None else None
+    prev = str(current.version) if current is not None else None
+    bad = first_non_finite(version_path(tracker, candidate))
+    if bad is not None:
+        return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
+                                 f"tensor '{bad}' has non-finite values; kept v{prev}")
+    if current is not None and prev == str(candidate.version):
+        return PromotionDecision(True, str(candidate.version), prev, value, prev_value, "already the reference")
+    if current is None:
+        return PromotionDecision(True, str(candidate.version), None, value, None, "first reference of this flywheel")
+    if force:
+        return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
+                                 f"forced (promotion.force); {metric} {value:.4f} vs {prev_value}")
+    if prev_value is None or value >= prev_value - cfg.promotion.min_delta:
+        return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
+                                 f"{metric} {value:.4f} >= reference v{prev} {prev_value} - "
+                                 f"min_delta {cfg.promotion.min_delta:g}")
+    return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
+                             f"{metric} {value:.4f} < reference v{prev} {prev_value:.4f} - "
+                             f"min_delta {cfg.promotion.min_delta:g}; kept v{prev}")
 
 
 # --- reading the state -------------------------------------------------------------------------
@@ -239,8 +277,11 @@ def rl_versions(tracker: Tracker) -> list[Any]:
 def next_round(tracker: Tracker) -> RoundPlan:
     """The round to run next (one past the newest round with an RL version), its reference and base."""
     cfg = tracker.cfg
-    rounds = [int(v.tags.get(T_ROUND, -1)) for v in rl_versions(tracker)]
-    n = max(rounds) + 1 if rounds else 0
+    versions = rl_versions(tracker)
+    undecided = [int(v.tags.get(T_ROUND, -1)) for v in versions if T_PROMOTION not in v.tags]
+    rounds = [int(v.tags.get(T_ROUND, -1)) for v in versions]
+    # A registered candidate without a verdict is the round in progress, not a finished round.
+    n = min(undecided) if undecided else (max(rounds) + 1 if rounds else 0)
     ref = get_alias(tracker, rl_model_name(cfg), "reference")
     ref_path = version_path(tracker, ref) if ref is not None else None
     base, base_version = cfg.model.source, None

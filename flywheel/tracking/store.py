@@ -115,6 +115,20 @@ class Tracker:
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
+    def kill_dead_runs(self) -> list[str]:
+        """Stage runs left RUNNING by a process that died (SIGKILL, OOM) become KILLED.
+
+        Called by a trigger that holds the flywheel's round slot: while it holds it, no other
+        round of this flywheel runs, so any RUNNING stage run is a dead process's.
+        """
+        runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                       max_results=1000)
+        dead = [r.info.run_id for r in runs
+                if ROUND_TAG in r.data.tags and r.data.tags.get(STAGE_TAG) not in ("round", "summary")]
+        for run_id in dead:
+            self.client.set_terminated(run_id, "KILLED")
+        return dead
+
     def stage_runs(self, round_n: int) -> list[Any]:
         parent = self.round_run(round_n)
         return list(self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'"))
