@@ -220,6 +220,8 @@ def _round_metrics(tracker, round_n: int) -> dict[str, float]:
 
 
 def test_a_round_killed_at_every_stage_finishes_as_if_never_killed(prefect_server, small_world, tmp_path):
+    import shutil
+
     from prefect import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 
@@ -227,7 +229,11 @@ def test_a_round_killed_at_every_stage_finishes_as_if_never_killed(prefect_serve
     from flywheel.tracking.registry import T_PROMOTION
 
     cfg, _ = small_world
-    configs = {name: write_config(tmp_path / f"{name}.yaml", cfg.home, name) for name in ("steady", "killed")}
+    # A home of its own (with a copy of the session's world): the reference cache is content-addressed, and
+    # other tests' rounds in the session home would leave the killed round's scoring already done.
+    home = tmp_path / "home"
+    shutil.copytree(cfg.home / "world", home / "world")
+    configs = {name: write_config(tmp_path / f"{name}.yaml", home, name) for name in ("steady", "killed")}
     for path in configs.values():
         flywheel_round(str(path))  # round 0 (NTP) of both, uninterrupted
 

@@ -189,3 +189,34 @@ def test_stage_runs_left_running_by_a_dead_process_are_marked_killed(tmp_path):
     plan_round(cfg)
     assert tracker.client.get_run(orphan).info.status == "KILLED"
     assert tracker.client.get_run(parent).info.status == "RUNNING"  # the round itself is still in progress
+
+
+def test_sigterm_to_a_waiting_round_exits_143_and_leaves_no_prefect_server_behind(tmp_path):
+    """The real CLI on Prefect's embedded temporary server: a stopped command leaves no child running."""
+    import yaml
+
+    config = tmp_path / "fw.yaml"
+    config.write_text(yaml.safe_dump({"name": "fw", "home": str(tmp_path / "h")}))
+    cfg = small_config(tmp_path / "h", name="fw")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    with RoundSlot(cfg, flow_run_id="the-holder", say=lambda m: None):
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "flywheel"), "round", str(config)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _wait_line(proc, "waiting for the round slot of flywheel 'fw'", timeout=180)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 143
+            deadline = time.time() + 15
+            while time.time() < deadline:  # its temporary server (same process group) stops with it
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError("a process of the stopped round's group is still running")
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
