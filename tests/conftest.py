@@ -49,3 +49,18 @@ def small_world(world_home):
 
     cfg = small_config(world_home)
     return cfg, build_world(cfg, ladder=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_servers():
+    """Stop the temporary servers of in-process flows while pytest's output streams are still open.
+
+    Prefect stops them at interpreter exit, when its log line about it can only fail with a traceback.
+    """
+    yield
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            server.stop()
