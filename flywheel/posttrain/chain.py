@@ -290,6 +290,10 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
                            log_history=done.get("log_history", []), notes=done.get("notes", {}))
     from datasets import Dataset
 
+    from flywheel.config import rewards_note
+
+    if (rewarded := rewards_note(plan.stage)) is not None:
+        log.info("%s (grpo): rewards %s", plan.where, rewarded)
     tok = load_tokenizer(cfg, source)
     model = load_model(cfg, source)
     rows, notes = plan.data.rows, {}
