@@ -238,6 +238,55 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_ends_like_an_uninter
     same_weights(resumed.checkpoint, clean.checkpoint)
 
 
+def test_sigterm_to_a_two_rank_launch_stops_both_ranks_at_one_step_and_the_relaunch_resumes(small_world,
+                                                                                            tmp_path):
+    """What a preempted node does: SIGTERM to the launcher, which forwards it to its ranks (gloo, 2 CPU ranks)."""
+    import json
+
+    home = small_world[0].home
+    extra = {"token_budget": 40 * 2 * STEP_TOKENS, "batch_size": 4, "checkpoint_every": 5,
+             "checkpoint_fraction": None}  # 40 steps of 2 ranks x 4 rows
+    path = tmp_path / "ranks.yaml"
+    path.write_text(yaml.safe_dump({"name": "ranks", "seed": 0, "home": str(home), "world": dict(SMALL_WORLD),
+                                    "midtrain": {**NTP, **extra}}))
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "deploy/accelerate/ddp.yaml"),
+           "-m", "flywheel.cli", "midtrain", str(path)]
+    runs = home / "runs" / "ranks"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not list(runs.glob("midtrain-*/checkpoints/checkpoint-5/trainer_state.json")):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.time() < deadline, "mid-training never checkpointed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler's preemption notice reaches it
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0, out[-3000:]
+        for _ in range(20):  # no rank outlives the launcher
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("a rank is still running after the launcher exited")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    steps = sorted({int(m) for m in re.findall(r"stopped by SIGTERM at step (\d+)", out)})
+    assert out.count("stopped by SIGTERM at step") == 2, out[-3000:]  # both ranks stopped and said so
+    assert len(steps) == 1 and 5 <= steps[0] < 40, out[-3000:]  # ... at the same step
+    (run_dir,) = runs.glob("midtrain-*")
+    assert (run_dir / "checkpoints" / f"checkpoint-{steps[0]}" / "trainer_state.json").is_file()
+    assert not (run_dir / "model").exists()
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith(f"checkpoint-{steps[0]}") and metrics["steps"] == 40
+
+
 # --- failpoints --------------------------------------------------------------------------------------------
 
 
