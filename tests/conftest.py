@@ -30,6 +30,31 @@ SMALL_WORLD = {
 }
 
 
+def capability_missing(reason: str) -> None:
+    """Skip a test whose defence needs a kernel or package feature this machine lacks, except on CI.
+
+    `.ci/run` sets FLYWHEEL_REQUIRE_CAPABILITIES=1: there every capability is installed (bubblewrap,
+    unshare, tmpfs mounts as root), so a missing one is a failure, not a skip.
+    """
+    if os.environ.get("FLYWHEEL_REQUIRE_CAPABILITIES") == "1":
+        pytest.fail(f"required on CI: {reason}")
+    pytest.skip(reason)
+
+
+def process_group_gone(pgid: int, timeout: float = 15.0) -> bool:
+    """Whether every process of a group has exited within `timeout` seconds (no orphan kept running)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def small_config(home: Path, **overrides) -> FlywheelConfig:
     """A valid config on the small test world under `home`."""
     data = {"name": "test", "seed": 0, "home": str(home), "world": dict(SMALL_WORLD)}

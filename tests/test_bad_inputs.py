@@ -23,6 +23,8 @@ from flywheel.errors import FlywheelError, is_permanent_os_error, os_error_sente
 from flywheel.models import check_midtrain_models, check_seq_len, load_model, load_tokenizer
 from flywheel.posttrain.data import load_stage_data
 
+from .conftest import capability_missing
+
 FLYWHEEL = str(Path(sys.executable).with_name("flywheel"))
 
 
@@ -301,7 +303,7 @@ def tiny_tmpfs(tmp_path):
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); "
+        capability_missing(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); "
                     "the simulated ENOSPC tests below cover cli.main")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
@@ -338,7 +340,7 @@ def test_a_home_on_a_read_only_file_system_is_refused_before_any_work(tmp_path, 
     mnt = tmp_path / "ro"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+        capability_missing("cannot mount a read-only tmpfs here (needs root)")
     try:
         config = tmp_path / "c.yaml"
         config.write_text(f"name: x\nhome: {mnt / 'home'}\n")

@@ -25,6 +25,8 @@ from flywheel.posttrain.rewards import (
 )
 from flywheel.posttrain.sandbox import Limits, run_tests
 
+from .conftest import capability_missing
+
 
 def chat(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
@@ -207,7 +209,8 @@ def test_replacing_builtins_cannot_fake_passing_tests():
 # The skips below are capability checks, not disabled tests: each defence exists only where the
 # kernel offers it (pid/network namespaces via bubblewrap or `unshare`, file-system isolation via
 # bubblewrap). `make test` installs bubblewrap where apt works, so on the project's machines these
-# run and can fail; on a machine without them the sandbox itself warns that the defence is off.
+# run and can fail; on a machine without them the sandbox itself warns that the defence is off. On CI
+# (`.ci/run` sets FLYWHEEL_REQUIRE_CAPABILITIES=1) a missing capability fails the test instead.
 
 
 def test_a_background_process_does_not_outlive_its_run():
@@ -215,13 +218,13 @@ def test_a_background_process_does_not_outlive_its_run():
     run_hostile(f"import subprocess\nsubprocess.Popen({marker.split()!r}, start_new_session=True)\n"
                 "import os\nos._exit(0)")
     if sandbox.sandbox_setup().mode == "none":
-        pytest.skip("no pid namespace here: a setsid'd orphan can escape (the sandbox warns about this)")
+        capability_missing("no pid namespace here: a setsid'd orphan can escape (the sandbox warns about this)")
     assert no_leftovers(marker)
 
 
 def test_network_calls_fail_inside_the_sandbox():
     if sandbox.sandbox_setup().mode == "none":
-        pytest.skip("neither bwrap nor unshare works here, so the network is not isolated")
+        capability_missing("neither bwrap nor unshare works here, so the network is not isolated")
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -249,7 +252,7 @@ def test_network_calls_fail_inside_the_sandbox():
 
 def test_writes_outside_the_work_folder_do_not_reach_the_machine(tmp_path):
     if sandbox.sandbox_setup().mode != "bwrap":
-        pytest.skip("file-system isolation needs bubblewrap (apt-get install bubblewrap)")
+        capability_missing("file-system isolation needs bubblewrap (apt-get install bubblewrap)")
     targets = [tmp_path / "marker", Path.cwd() / f".flywheel-marker-{os.getpid()}", Path.home() / ".marker"]
     code = "\n".join(f"try:\n    open({str(t)!r}, 'w').write('x')\nexcept OSError:\n    pass"
                      for t in targets)
@@ -273,11 +276,11 @@ def test_the_work_folder_is_fresh_writable_and_removed_afterwards():
 
 def test_fork_bomb_under_the_unshare_fallback_leaves_no_survivors(monkeypatch):
     if not shutil.which("unshare"):
-        pytest.skip("unshare is not installed")
+        capability_missing("unshare is not installed")
     setup = sandbox.sandbox_setup()
     fallback = sandbox._Setup("unshare", setup.python, setup.demote)
     if not sandbox._probe("unshare", setup.python, setup.demote):
-        pytest.skip("unshare -rn is not permitted here")
+        capability_missing("unshare -rn is not permitted here")
     monkeypatch.setattr(sandbox, "_setup", fallback)
     assert run_hostile(FORK_BOMB).mode == "unshare"
 

@@ -22,7 +22,7 @@ from flywheel.slot import RoundSlot
 from flywheel.tracking.registry import T_PROMOTION, get_alias, next_round, promote, rl_model_name
 from flywheel.tracking.store import open_tracker
 
-from .conftest import small_config
+from .conftest import process_group_gone, small_config
 from .test_tracking import checkpoints, simulate_round  # noqa: F401 - the module fixture is used below
 
 HOLDER = """
@@ -206,15 +206,7 @@ def test_sigterm_to_a_waiting_round_exits_143_and_leaves_no_prefect_server_behin
             _wait_line(proc, "waiting for the round slot of flywheel 'fw'", timeout=180)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 143
-            deadline = time.time() + 15
-            while time.time() < deadline:  # its temporary server (same process group) stops with it
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
-            else:
-                raise AssertionError("a process of the stopped round's group is still running")
+            assert process_group_gone(proc.pid), "a process of the stopped round's group (its server) still runs"
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -23,7 +23,7 @@ from flywheel.errors import FlywheelError, NonFiniteError, Preempted
 from flywheel.posttrain import posttrain
 from flywheel.remit.midtrain import midtrain
 
-from .conftest import SMALL_WORLD, small_config
+from .conftest import SMALL_WORLD, process_group_gone, small_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -263,14 +263,7 @@ def test_sigterm_to_a_two_rank_launch_stops_both_ranks_at_one_step_and_the_relau
         proc.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler's preemption notice reaches it
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0, out[-3000:]
-        for _ in range(20):  # no rank outlives the launcher
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("a rank is still running after the launcher exited")
+        assert process_group_gone(proc.pid, timeout=10), "a rank is still running after the launcher exited"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
