@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+from glob import glob, has_magic
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -116,7 +117,7 @@ class ModelConfig(Section):
 class DataSource(Section):
     """One mid-training source and its share of the mixture."""
 
-    source: str
+    source: str  # world:<corpus>, a .jsonl/.json/.parquet file, a folder or glob of them, or a hub dataset id
     weight: float = Field(1.0, gt=0)
     text_field: str = "text"
     split: str = "train"
@@ -125,7 +126,20 @@ class DataSource(Section):
     @field_validator("source")
     @classmethod
     def _data_ref(cls, v: str) -> str:
-        return _check_data_ref(v)
+        return _check_corpus_ref(v)
+
+
+def _check_corpus_ref(ref: str) -> str:
+    """A mid-training source may also be a folder or a glob of data files (the token store reads them all)."""
+    ref = ref.strip()
+    path = Path(ref).expanduser()
+    if has_magic(ref) and not ref.startswith("world:"):
+        if not any(Path(p).is_file() for p in glob(str(path), recursive=True)):
+            raise ValueError("the glob matches no file; fix the pattern")
+        return ref
+    if path.is_dir():
+        return ref
+    return _check_data_ref(ref)
 
 
 class DataConfig(Section):
@@ -134,6 +148,7 @@ class DataConfig(Section):
     sources: list[DataSource] = Field(
         default_factory=lambda: [DataSource(source="world:midtrain")], min_length=1
     )
+    workers: int | None = Field(None, ge=1)  # token-store build processes; None: one per CPU core
 
 
 class MidtrainConfig(Section):

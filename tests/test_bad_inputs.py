@@ -18,12 +18,12 @@ import yaml
 from flywheel.cli import main
 from flywheel.config import config_summary, validate_config
 from flywheel.data.io import read_jsonl, write_json, write_jsonl
-from flywheel.data.mixture import source_texts
+from flywheel.data.store import source_texts
 from flywheel.errors import FlywheelError, is_permanent_os_error, os_error_sentence
 from flywheel.models import check_midtrain_models, check_seq_len, load_model, load_tokenizer
 from flywheel.posttrain.data import load_stage_data
 
-from .conftest import capability_missing
+from .conftest import byte_tokenizer, capability_missing
 
 FLYWHEEL = str(Path(sys.executable).with_name("flywheel"))
 
@@ -47,7 +47,7 @@ def _read(reader: str, path: Path, tmp_path: Path, kind: str = "sft") -> object:
     if reader == "mixture":
         cfg = validate_config({"name": "x", "home": str(tmp_path / "home"),
                                "data": {"sources": [{"source": str(path)}]}})
-        return source_texts(cfg, cfg.data.sources[0], limit_chars=10**6)
+        return list(source_texts(cfg, cfg.data.sources[0]))
     cfg = validate_config({"name": "x", "home": str(tmp_path / "home")})
     return load_stage_data(cfg, str(path), {}, kind, "posttrain.stages.0")
 
@@ -79,7 +79,7 @@ BAD_DATA = [
     ("posttrain", "empty.jsonl", b"", "sft", ["empty.jsonl", "the file has no rows"]),
     ("posttrain", "empty.parquet", _parquet([]), "sft", ["empty.parquet", "the file has no rows"]),
     ("mixture", "body.jsonl", b'{"body": "a"}\n{"body": "b", "id": 2}\n', "sft",
-     ["body.jsonl", "no row has a column 'text'", "columns: body, id", "data.sources.0.text_field"]),
+     ["body.jsonl", "has no column 'text' in its first row", "columns: body", "data.sources.0.text_field"]),
     ("mixture", "body.parquet", _parquet([{"body": "a"}]), "sft",
      ["body.parquet", "has no column 'text'", "columns: body", "data.sources.0.text_field"]),
     ("mixture", "junk.parquet", b"PAR1 this is not parquet", "sft", ["junk.parquet", "is not a readable parquet file"]),
@@ -115,7 +115,7 @@ def test_a_source_whose_text_column_is_all_empty_says_so(tmp_path):
     write_jsonl(path, [{"text": ""}, {"text": None}])
     cfg = validate_config({"name": "x", "home": str(tmp_path / "h"), "data": {"sources": [{"source": str(path)}]}})
     with pytest.raises(FlywheelError, match=r"has no non-empty 'text' documents; fill that column or set text_field"):
-        build_mixture(cfg, tok=None, tokenizer_id="t")
+        build_mixture(cfg, tok=byte_tokenizer(), tokenizer_id="t")
 
 
 def test_a_byte_order_mark_and_json_lines_in_a_json_file_are_read_not_rejected(tmp_path):
@@ -125,7 +125,7 @@ def test_a_byte_order_mark_and_json_lines_in_a_json_file_are_read_not_rejected(t
     lines = tmp_path / "lines.json"
     lines.write_text('{"text": "a"}\n{"text": "b"}\n')
     cfg = validate_config({"name": "x", "home": str(tmp_path / "h"), "data": {"sources": [{"source": str(lines)}]}})
-    assert source_texts(cfg, cfg.data.sources[0], 100) == ["a", "b"]
+    assert list(source_texts(cfg, cfg.data.sources[0])) == ["a", "b"]
 
 
 def test_a_folder_where_a_data_file_should_be_is_one_sentence(tmp_path):

@@ -171,6 +171,27 @@ def parquet_schema(path: Path) -> tuple[list[str], int]:
         raise FlywheelError(f"{path}: is not a readable parquet file ({first}); rewrite it or use .jsonl") from None
 
 
+def wait_until(what: str, missing: Callable[[], list[str]], poll: float = 0.5) -> None:
+    """Wait on the file system, not a collective, until `missing()` is empty; log what is awaited once a minute.
+
+    How ranks of a torchrun job wait for a file another rank writes (a store, a cache index).
+    """
+    import logging
+    import time
+
+    log, said = logging.getLogger("flywheel"), time.monotonic()
+    while left := missing():
+        if time.monotonic() - said > 60:
+            log.warning("waiting for %s: %d missing (%s)", what, len(left), ", ".join(left[:4]))
+            said = time.monotonic()
+        time.sleep(poll)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """This process's rank and the world size under torchrun / accelerate launch ((0, 1) otherwise)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))

@@ -1,175 +1,243 @@
-"""The mid-training mixture: read each source, take its weighted share of the token budget, pack once.
+"""The mid-training mixture: an index of fixed-length windows into the sources' token stores.
 
-A packed corpus is cached under `home/cache/packed/<key>/` (input_ids.npy, doc_ids.npy,
-meta.json), keyed by the tokenizer, the sources' fingerprints, the budget, seq_len and seed,
-so reference scoring and every training run of a round read the very same tokens.
+Nothing is copied. Each source is tokenized once into its store (`flywheel.data.store`); the
+mixture is `budget // seq_len` windows of `seq_len` tokens, each inside one shard, shared out
+between the sources by weight (largest remainder, so each source is within one window of its
+weight), then shuffled with the config's seed. A source with fewer windows than its share is
+repeated: every epoch is a fresh seeded permutation of its windows, shifted by a seeded offset
+so a repeat sees its documents at other positions, and the epoch count is recorded. A window never crosses a shard, so a shard's tail shorter than `seq_len` is not used
+(at most `seq_len - 1` tokens per shard of 64 MiB of text).
+
+    home/cache/packed/<key>/
+        windows.npy   int64, the first token of every window, as an offset into the shards listed in
+                      meta.json laid end to end (8 bytes per window, not 4 bytes per token)
+        meta.json     key, rows, seq_len, tokens, per source: store, documents, windows, epochs, bytes
+
+The key covers the tokenizer, each source (its store key: fingerprint, text field, tokenizer),
+the weights, the budget, seq_len and the seed, so reference scoring and every training run of a
+round read the very same tokens. Rows are read by memory map (`Windows`); a token's document id
+comes from the store's document-end offsets, so ReMiT's per-document centring needs no per-token
+array.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from flywheel.config import DataSource, FlywheelConfig
-from flywheel.data.io import (
-    atomic_dir,
-    file_fingerprint,
-    fingerprint,
-    iter_jsonl,
-    parquet_schema,
-    read_json_rows,
-    read_parquet_rows,
-    write_json,
-)
-from flywheel.data.packing import Packed, pack, tokenize_documents
+from flywheel.config import FlywheelConfig
+from flywheel.data.io import atomic_dir, distributed_rank, fingerprint, wait_until, write_json
+from flywheel.data.store import BuildReport, SourceStore, build_source, open_store, source_files, store_key
 from flywheel.errors import FlywheelError
 
-PACK_VERSION = 1
+MIX_VERSION = 2
 
 
-def _local_texts(path: Path, field: str, where: str = "text_field") -> list[str]:
-    """A local file's documents; an empty file, a missing column or a bad line is one sentence naming the file."""
-    if path.suffix == ".parquet":
-        columns, n_rows = parquet_schema(path)
-        if n_rows == 0:
-            raise FlywheelError(f"{path}: is empty (no rows); the mid-training mixture needs documents, so fill "
-                                "it or remove this source")
-        if field not in columns:
-            raise FlywheelError(f"{path}: has no column '{field}' (columns: {', '.join(columns)}); set {where} "
-                                "to the column that holds the text")
-        values = [row[field] for row in read_parquet_rows(path, [field])]
-    else:
-        rows = read_json_rows(path) if path.suffix == ".json" else (row for _, row in iter_jsonl(path))
-        values, columns, n = [], {}, 0  # columns: every key seen, in order (a dict keeps order)
-        for row in rows:
-            n += 1
-            columns.update(dict.fromkeys(row))
-            values.append(row.get(field))
-        if n == 0:
-            raise FlywheelError(f"{path}: is empty (no rows); the mid-training mixture needs documents, so fill "
-                                "it or remove this source")
-        if field not in columns:
-            raise FlywheelError(f"{path}: no row has a column '{field}' (columns: {', '.join(columns)}); set "
-                                f"{where} to the column that holds the text")
-    return [t for t in values if isinstance(t, str) and t]
+# --- reading windows ------------------------------------------------------------------------------
 
 
-def _hub_texts(src: DataSource, limit_chars: int) -> list[str]:
-    """Stream a hub dataset until enough text for its share is read (the corpus is never fully downloaded)."""
-    import datasets
+class _Column:
+    """`input_ids` or `doc_ids` of the windows: rows read on demand; `np.asarray` reads them all."""
 
-    try:
-        stream = iter(datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True))
-        texts, total = [], 0
-        for row in stream:
-            if src.text_field not in row:
-                raise FlywheelError(
-                    f"{src.source}: has no column '{src.text_field}' (columns: {', '.join(row)}); set text_field"
-                )
-            texts.append(row[src.text_field])
-            total += len(texts[-1] or "")
-            if total >= limit_chars:
-                break
-    except FlywheelError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - offline, unknown id, unknown split: all mean "cannot get it here"
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise FlywheelError(f"{src.source}: could not load the hub dataset (split '{src.split}'): {first}; check "
-                            "the id, or download it while online (HF_DATASETS_OFFLINE is set)") from None
-    return texts
+    def __init__(self, windows: Windows, docs: bool):
+        self.windows, self.docs = windows, docs
 
+    def __len__(self) -> int:
+        return len(self.windows)
 
-def source_texts(cfg: FlywheelConfig, src: DataSource, limit_chars: int) -> list[str]:
-    """The documents of one source, from the tiny world, a local file or the hub."""
-    index = next((i for i, s in enumerate(cfg.data.sources) if s is src), None)
-    where = f"data.sources.{index}.text_field" if index is not None else "text_field"
-    if src.source.startswith("world:"):
-        from flywheel.world.build import resolve_world_ref
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.windows), self.windows.seq_len)
 
-        return _local_texts(resolve_world_ref(cfg, src.source), src.text_field, where)
-    if Path(src.source).expanduser().is_file():
-        return _local_texts(Path(src.source).expanduser(), src.text_field, where)
-    return _hub_texts(src, limit_chars)
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 - an int or a slice
+        read = self.windows.doc_ids_of if self.docs else self.windows.tokens_of
+        if isinstance(i, slice):
+            rows = range(*i.indices(len(self)))
+            out = np.empty((len(rows), self.windows.seq_len), dtype=np.int64 if self.docs else np.int32)
+            for k, r in enumerate(rows):
+                out[k] = read(r)
+            return out
+        return read(int(i))
+
+    def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204 - numpy protocol
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
 
 
-def source_fingerprint(cfg: FlywheelConfig, src: DataSource) -> str:
-    """Content hash for local/world files; id + split + subset for hub datasets (their revision pins the rest)."""
-    if src.source.startswith("world:"):
-        from flywheel.world.build import resolve_world_ref
+class Windows:
+    """The mixture's rows, read from the shards by memory map (the Trainer's dataset reads one row at a time)."""
 
-        return file_fingerprint(resolve_world_ref(cfg, src.source))
-    path = Path(src.source).expanduser()
-    if path.is_file():
-        return file_fingerprint(path)
-    return fingerprint(src.source, src.subset, src.split)
+    def __init__(self, folder: Path, meta: dict, starts: np.ndarray):
+        self.folder, self.seq_len, self.starts = folder, int(meta["seq_len"]), starts
+        shards = meta["shards"]
+        self._files = [folder / s["path"] for s in shards]
+        self._dtypes = [np.dtype(s["dtype"]) for s in shards]
+        self._offsets = np.cumsum([0] + [s["tokens"] for s in shards], dtype=np.int64)
+        self._doc_offsets = np.cumsum([0] + [s["documents"] for s in shards], dtype=np.int64)
+        self._tokens: dict[int, np.ndarray] = {}
+        self._ends: dict[int, np.ndarray] = {}
+        self.input_ids = _Column(self, docs=False)
+        self.doc_ids = _Column(self, docs=True)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self) * self.seq_len
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        g = int(self.starts[row])
+        shard = int(np.searchsorted(self._offsets, g, side="right")) - 1
+        return shard, g - int(self._offsets[shard])
+
+    def tokens_of(self, row: int) -> np.ndarray:
+        shard, at = self._locate(row)
+        if shard not in self._tokens:
+            self._tokens[shard] = np.memmap(self._files[shard], dtype=self._dtypes[shard], mode="r")
+        return np.asarray(self._tokens[shard][at : at + self.seq_len], dtype=np.int32)
+
+    def doc_ids_of(self, row: int) -> np.ndarray:
+        """A global document number per token: the shard's first document + the documents ended before it."""
+        shard, at = self._locate(row)
+        if shard not in self._ends:
+            self._ends[shard] = np.memmap(f"{self._files[shard]}.index", dtype="<u8", mode="r")
+        pos = np.arange(at, at + self.seq_len, dtype=np.uint64)
+        return self._doc_offsets[shard] + np.searchsorted(self._ends[shard], pos, side="right").astype(np.int64)
 
 
 @dataclass
 class PackedCorpus:
-    """A packed mid-training corpus on disk, memory-mapped for reading."""
+    """A built mixture: its window index and the stores it points into."""
 
     folder: Path
     key: str
-
-    def load(self) -> Packed:
-        return Packed(
-            np.load(self.folder / "input_ids.npy", mmap_mode="r"),
-            np.load(self.folder / "doc_ids.npy", mmap_mode="r"),
-        )
+    builds: list[BuildReport] = field(default_factory=list)  # this call's store builds (empty when reused)
 
     @property
     def meta(self) -> dict:
         return json.loads((self.folder / "meta.json").read_text())
 
+    def load(self) -> Windows:
+        meta = self.meta
+        for s in meta["shards"]:
+            if not (self.folder / s["path"]).exists():
+                raise FlywheelError(f"mixture {self.folder}: its token shard {s['path']} is missing; run "
+                                    "`flywheel prepare-data CONFIG` to rebuild the store")
+        return Windows(self.folder, meta, np.load(self.folder / "windows.npy", mmap_mode="r"))
 
-def mixture_key(cfg: FlywheelConfig, tokenizer_id: str) -> str:
-    """Everything that decides which tokens the mixture holds."""
-    sources = [(s.model_dump(mode="json"), source_fingerprint(cfg, s)) for s in cfg.data.sources]
+
+# --- building -------------------------------------------------------------------------------------
+
+
+def window_counts(n_windows: int, weights: list[float]) -> list[int]:
+    """Windows per source: each within one window of its weighted share, summing to `n_windows`."""
+    total = sum(weights)
+    exact = [n_windows * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: n_windows - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _source_windows(store: SourceStore, base: int, seq_len: int, shift: int = 0) -> np.ndarray:
+    """The first token of every whole window of a store, `shift` tokens into each shard, as global offsets."""
+    parts, offset = [], base
+    for s in store.shards:
+        n = max(0, s["tokens"] - shift) // seq_len
+        parts.append(offset + shift + np.arange(n, dtype=np.int64) * seq_len)
+        offset += s["tokens"]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _take(store: SourceStore, base: int, seq_len: int, count: int, rng: np.random.Generator
+          ) -> tuple[np.ndarray, float]:
+    """`count` windows of a store and the epochs they make: one seeded permutation per epoch.
+
+    The first epoch's windows start at each shard's first token; every repeat shifts them by a
+    seeded offset, so a repeated document is seen at other positions and beside other text.
+    """
+    parts, epochs, remaining, shift = [], 0.0, count, 0
+    while remaining > 0:
+        avail = _source_windows(store, base, seq_len, shift)
+        if len(avail) == 0:
+            avail, shift = _source_windows(store, base, seq_len), 0  # shards shorter than seq_len + shift
+        pick = avail[rng.permutation(len(avail))[:remaining]]
+        parts.append(pick)
+        remaining -= len(pick)
+        epochs += len(pick) / len(avail)
+        shift = int(rng.integers(seq_len))
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)), epochs
+
+
+def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | None = None,
+                  on_source: Callable[[int, int | None], None] | None = None,
+                  on_tokens: Callable[[int], None] | None = None) -> PackedCorpus:
+    """Build (or reuse) every source's store and the window index; reuse the whole mixture when the key matches.
+
+    `on_source(i, estimated_tokens)` is called before source i's store is built, `on_tokens(n)` as
+    its tokens are written (the CLI's progress bar).
+    """
+    from flywheel.data.store import estimate_tokens
+
     mt = cfg.midtrain
-    return fingerprint(PACK_VERSION, tokenizer_id, sources, mt.token_budget, mt.seq_len, cfg.seed)
-
-
-def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str) -> PackedCorpus:
-    """Tokenize and pack the weighted mixture once; reuse it when the key matches."""
-    key = mixture_key(cfg, tokenizer_id)
+    n_windows = mt.token_budget // mt.seq_len
+    if n_windows == 0:
+        raise FlywheelError(f"midtrain.token_budget: {mt.token_budget} tokens is less than one window of "
+                            f"midtrain.seq_len={mt.seq_len}; raise the budget")
+    counts = window_counts(n_windows, [s.weight for s in cfg.data.sources])
+    workers = max(1, workers or cfg.data.workers or os.cpu_count() or 1)
+    # a hub source is streamed only as far as its share (plus a window per shard tail, dropped)
+    caps = [None if source_files(cfg, s) is not None else (c + 1) * mt.seq_len
+            for s, c in zip(cfg.data.sources, counts, strict=True)]
+    keys = [store_key(cfg, s, tok, cap) for s, cap in zip(cfg.data.sources, caps, strict=True)]
+    key = fingerprint(MIX_VERSION, tokenizer_id, [(s.model_dump(mode="json"), k) for s, k in
+                                                  zip(cfg.data.sources, keys, strict=True)],
+                      mt.token_budget, mt.seq_len, cfg.seed)
     folder = cfg.home / "cache" / "packed" / key
-    if (folder / "meta.json").exists():
+    rank, world = distributed_rank()
+    if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
+        wait_until("rank 0 to build the mixture", lambda: [] if (folder / "meta.json").exists() else [key])
         return PackedCorpus(folder, key)
-    mt = cfg.midtrain
-    total_w = sum(s.weight for s in cfg.data.sources)
-    rng = random.Random(f"{cfg.seed}:mixture")
-    docs: list[list[int]] = []
-    shares = {}
-    for src in cfg.data.sources:
-        share = int(mt.token_budget * src.weight / total_w)
-        texts = source_texts(cfg, src, limit_chars=share * 8)
-        if not texts:
-            raise FlywheelError(f"{src.source}: has no non-empty '{src.text_field}' documents; fill that column "
-                                "or set text_field to the column that holds the text")
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        got, taken, i = 0, [], 0
-        ids = tokenize_documents([texts[j] for j in order], tok)
-        while got < share:  # cycle (upsample) a source smaller than its share
-            d = ids[i % len(ids)]
-            taken.append(d)
-            got += len(d)
-            i += 1
-        shares[src.source] = {"tokens": got, "documents": len(taken), "epochs": round(i / len(ids), 3)}
-        docs.extend(taken)
-    rng.shuffle(docs)
-    packed = pack(docs, mt.seq_len)
-    if len(packed) == 0:
-        raise FlywheelError(
-            f"data.sources: the mixture holds fewer than midtrain.seq_len={mt.seq_len} tokens; add data or shorten seq_len"
-        )
+    builds, stores = [], []
+    for i, (src, cap) in enumerate(zip(cfg.data.sources, caps, strict=True)):
+        done = cfg.home / "cache" / "tokens" / keys[i] / "store.json"
+        if done.exists():
+            stores.append(open_store(done.parent, keys[i]))
+            continue
+        if on_source is not None:
+            on_source(i, estimate_tokens(cfg, src, tok, cap))
+        rep = build_source(cfg, src, tok, max_tokens=cap, workers=workers, on_tokens=on_tokens)
+        builds.append(rep)
+        stores.append(rep.store)
+    if (folder / "meta.json").exists():
+        return PackedCorpus(folder, key, builds)
+
+    starts, sources, shards, base = [], [], [], 0
+    for i, (src, store, count) in enumerate(zip(cfg.data.sources, stores, counts, strict=True)):
+        if len(_source_windows(store, base, mt.seq_len)) == 0:
+            raise FlywheelError(f"data.sources.{i}.source: {src.source} holds {store.meta['tokens']:,} tokens in "
+                                f"shards shorter than midtrain.seq_len={mt.seq_len}; add data or shorten seq_len")
+        rng = np.random.default_rng([cfg.seed, i, MIX_VERSION])
+        taken, epochs = _take(store, base, mt.seq_len, count, rng)
+        starts.append(taken)
+        sources.append({"source": src.source, "store": store.key, "documents": store.meta["documents"],
+                        "store_tokens": store.meta["tokens"], "windows": int(count),
+                        "tokens": int(count) * mt.seq_len, "epochs": round(epochs, 4),
+                        "bytes": store.meta["bytes"]})
+        shards += [{"path": os.path.relpath(store.folder / s["file"], folder), "dtype": store.meta["dtype"],
+                    "tokens": s["tokens"], "documents": s["documents"]} for s in store.shards]
+        base += store.meta["tokens"]
+    index = np.concatenate(starts)
+    index = index[np.random.default_rng([cfg.seed, MIX_VERSION]).permutation(len(index))]
     with atomic_dir(folder) as tmp:
-        np.save(tmp / "input_ids.npy", packed.input_ids)
-        np.save(tmp / "doc_ids.npy", packed.doc_ids)
-        write_json(tmp / "meta.json", {"key": key, "rows": len(packed), "seq_len": mt.seq_len,
-                                       "tokens": packed.n_tokens, "sources": shares})
-    return PackedCorpus(folder, key)
+        np.save(tmp / "windows.npy", index)
+        write_json(tmp / "meta.json", {"key": key, "rows": len(index), "seq_len": mt.seq_len,
+                                       "tokens": len(index) * mt.seq_len, "sources": sources, "shards": shards})
+    return PackedCorpus(folder, key, builds)

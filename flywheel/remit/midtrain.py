@@ -144,11 +144,11 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     if ref_path:
         check_same_vocabulary(tok, load_tokenizer(cfg, reference), base, reference)
 
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():  # rank 0 builds caches, others read
-        corpus = build_mixture(cfg, tok, tokenizer_identity(tok))
-        cache = None
-        if mt.objective in ("remit", "rho1") and mt.reference_mode == "cached":
-            cache = score_reference(cfg, reference).cache
+    # rank 0 builds the mixture while the others wait for it; then every rank scores its own chunks
+    corpus = build_mixture(cfg, tok, tokenizer_identity(tok))
+    cache = None
+    if mt.objective in ("remit", "rho1") and mt.reference_mode == "cached":
+        cache = score_reference(cfg, reference).cache
     packed = corpus.load()
 
     key = midtrain_key(cfg, base_path, ref_path, corpus.key)

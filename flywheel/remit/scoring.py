@@ -14,7 +14,8 @@ Layout of `home/cache/reference/<key>/`:
     index.json            key, shapes, dtype and a sha256 per chunk; written last
 While scoring, the folder is `<key>.partial/`; each chunk is written to a temp name and
 renamed, so an interrupted run resumes at the first missing chunk, and the folder is renamed
-to `<key>` only when complete.
+to `<key>` only when complete. Under torchrun each rank scores its own chunks (see
+`score_reference`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import fingerprint, publish, write_json
+from flywheel.data.io import distributed_rank, fingerprint, publish, wait_until, write_json
 from flywheel.data.mixture import PackedCorpus, build_mixture
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
@@ -139,9 +140,12 @@ def reference_logprobs(model, input_ids):  # noqa: ANN001, ANN201 - torch is imp
     import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
-    lp = -F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
-    return torch.cat([torch.zeros_like(lp[:1]).expand(len(input_ids), 1), lp.view(len(input_ids), -1)], dim=1)
+    logits = model(input_ids=input_ids).logits.float()  # (B, T, V), contiguous: viewed below, never copied
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t+1; the last position predicts nothing
+    lp = -F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none")
+    del logits
+    return torch.cat([torch.zeros_like(lp[:1]).expand(len(input_ids), 1), lp.view(len(input_ids), -1)[:, :-1]], dim=1)
 
 
 def cache_key(cfg: FlywheelConfig, ref_path: str, tok_id: str, corpus_key: str) -> str:
@@ -150,8 +154,23 @@ def cache_key(cfg: FlywheelConfig, ref_path: str, tok_id: str, corpus_key: str) 
     return fingerprint(SCORE_VERSION, model_identity(ref_path), tok_id, corpus_key, mt.seq_len, mt.cache_dtype)
 
 
+def _chunk_done(path: Path, rows: int, seq_len: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return np.load(path, mmap_mode="r").shape == (rows, seq_len)
+    except (ValueError, OSError):
+        return False
+
+
 def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHUNK_TOKENS) -> ScoreReport:
-    """Score the packed mixture with the reference once; reuse a finished cache, resume a partial one."""
+    """Score the packed mixture with the reference once; reuse a finished cache, resume a partial one.
+
+    Data-parallel without collectives: under torchrun / accelerate launch, rank r scores chunks
+    r, r + world, r + 2*world ...; rank 0 waits for every chunk on the file system, writes the
+    index and renames the folder; the other ranks wait for that. Each chunk is the same
+    computation whichever rank does it, so the cache is the one a single process writes.
+    """
     import torch
 
     t0 = time.perf_counter()
@@ -173,20 +192,21 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
 
     partial = root / f"{key}.partial"
     partial.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank()
     rows_per_chunk = max(1, chunk_tokens // mt.seq_len)
     n_chunks = -(-len(packed) // rows_per_chunk)
     store = getattr(np, mt.cache_dtype)
     model = None
     computed, scored_tokens, scoring_time = [], 0, 0.0
-    for c in range(n_chunks):
-        lo, hi = c * rows_per_chunk, min(len(packed), (c + 1) * rows_per_chunk)
+
+    def bounds(c: int) -> tuple[int, int]:
+        return c * rows_per_chunk, min(len(packed), (c + 1) * rows_per_chunk)
+
+    for c in range(rank, n_chunks, world):
+        lo, hi = bounds(c)
         path = partial / f"chunk-{c:05d}.npy"
-        if path.exists():
-            try:
-                if np.load(path, mmap_mode="r").shape == (hi - lo, mt.seq_len):
-                    continue  # finished before an interruption
-            except ValueError:
-                pass
+        if _chunk_done(path, hi - lo, mt.seq_len):
+            continue  # finished before an interruption
         if model is None:
             model = load_model(cfg, reference, for_training=False)
         t1 = time.perf_counter()
@@ -203,6 +223,15 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
         publish(f.name, path)
         computed.append(c)
         failpoint("score-reference-chunk")  # crash tests: a kill here must lose no finished chunk
+    tps = scored_tokens / scoring_time if scoring_time else None
+    if rank != 0:
+        wait_until("rank 0 to write the reference cache's index",
+                  lambda: [] if (final / "index.json").exists() else ["index.json"])
+        return ScoreReport(open_cache(final, key, len(packed), mt.seq_len, verify=False), corpus, computed,
+                           time.perf_counter() - t0, tps)
+    wait_until("the other ranks' reference chunks", lambda: [
+        f"chunk-{c:05d}" for c in range(n_chunks) if not _chunk_done(partial / f"chunk-{c:05d}.npy",
+                                                                     bounds(c)[1] - bounds(c)[0], mt.seq_len)])
     chunks = [
         {"file": f"chunk-{c:05d}.npy", "rows": min(len(packed), (c + 1) * rows_per_chunk) - c * rows_per_chunk,
          "sha256": _sha256(partial / f"chunk-{c:05d}.npy")}
@@ -215,5 +244,4 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
     })
     os.replace(partial, final)
     cache = open_cache(final, key, len(packed), mt.seq_len, verify=False)
-    tps = scored_tokens / scoring_time if scoring_time else None
     return ScoreReport(cache, corpus, computed, time.perf_counter() - t0, tps)
