@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -97,6 +98,53 @@ def _print_world_report(report) -> None:  # noqa: ANN001 - BuildReport, imported
         console.print(table)
         console.print("  Mid-training should raise the middle levels; the hardest should stay out of reach.")
     console.print(f"  took {report.seconds:.0f} s")
+
+
+@app.command("prepare-data")
+def prepare_data_cmd(
+    config: ConfigArg,
+    workers: Annotated[int | None, typer.Option(help="Build processes (default: data.workers, else one per core).")] = None,
+) -> None:
+    """Tokenize every mid-training source into the token store and write the mixture's window index."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flywheel.data.mixture import build_mixture
+    from flywheel.models import load_tokenizer, tokenizer_identity
+
+    cfg = _load(config)
+    if workers is not None and workers < 1:
+        raise FlywheelError(f"--workers: must be 1 or more (got {workers})")
+    tok = load_tokenizer(cfg)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tokens"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = {"id": None}
+
+        def on_source(i: int, estimate: int | None) -> None:
+            task["id"] = bar.add_task(f"data.sources.{i} {cfg.data.sources[i].source}", total=estimate, rate="")
+            task["t0"] = time.perf_counter()
+
+        def on_tokens(n: int) -> None:
+            rate = n / max(1e-9, time.perf_counter() - task["t0"])
+            bar.update(task["id"], completed=n, rate=f"{rate:,.0f} tokens/s")
+
+        corpus = build_mixture(cfg, tok, tokenizer_identity(tok), workers=workers, on_source=on_source,
+                               on_tokens=on_tokens)
+    meta = corpus.meta
+    table = Table(title=f"mixture {corpus.folder}", title_justify="left")
+    for col in ("source", "documents", "tokens", "windows", "epochs", "bytes on disk"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in meta["sources"]:
+        table.add_row(s["source"], f"{s['documents']:,}", f"{s['store_tokens']:,}", f"{s['windows']:,}",
+                      f"{s['epochs']:.2f}", f"{s['bytes'] / 2**20:,.1f} MiB")
+    console.print(table)
+    built = {b.store.key: b for b in corpus.builds}
+    for s in meta["sources"]:
+        b = built.get(s["store"])
+        state = f"built in {b.seconds:.1f} s ({s['store_tokens'] / max(b.seconds, 1e-9):,.0f} tokens/s)" if b else "reused"
+        console.print(f"  {s['source']}: store {s['store']} {state}")
+    console.print(f"  {meta['rows']:,} windows x {meta['seq_len']} = {meta['tokens']:,} tokens "
+                  f"(midtrain.token_budget {cfg.midtrain.token_budget:,})")
 
 
 @app.command("score-reference")

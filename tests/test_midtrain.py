@@ -191,6 +191,53 @@ def test_interrupted_scoring_resumes_at_the_first_missing_chunk(small_world, ref
         assert np.array_equal(a, np.asarray(b))
 
 
+SCORE_RANK = """
+import json, os, sys, torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(1)
+from flywheel.config import load_config
+from flywheel.remit.scoring import score_reference
+rep = score_reference(load_config({cfg!r}), {ref!r}, chunk_tokens=32 * 16)
+print(json.dumps({{"rank": int(os.environ["RANK"]), "computed": rep.computed_chunks}}))
+"""
+
+
+def test_two_rank_torchrun_scoring_splits_the_chunks_and_writes_the_one_process_cache_byte_for_byte(
+        small_world, reference, tmp_path):
+    import yaml
+
+    cfg0 = small_world[0]
+    doc = {"name": "score2", "home": str(cfg0.home), "world": cfg0.world.model_dump(),
+           "midtrain": {**MIDTRAIN, "seq_len": 32, "token_budget": 8192, "reference": reference}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    from flywheel.config import load_config
+
+    cfg = load_config(tmp_path / "c.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run one thread each; so does this single process
+    try:
+        single = score_reference(cfg, reference, chunk_tokens=32 * 16)
+    finally:
+        torch.set_num_threads(threads)
+    n = len(single.cache.chunks)
+    assert single.computed_chunks == list(range(n)) and n >= 4
+    expected = {p.name: p.read_bytes() for p in single.cache.folder.iterdir()}
+    shutil.rmtree(single.cache.folder)
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_RANK.format(repo=str(REPO), cfg=str(tmp_path / "c.yaml"), ref=reference))
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [r["computed"] for r in reports] == [list(range(0, n, 2)), list(range(1, n, 2))]
+    got = {p.name: p.read_bytes() for p in single.cache.folder.iterdir()}
+    assert got.keys() == expected.keys()
+    assert all(got[k] == expected[k] for k in expected if k.startswith("chunk-"))
+    index = json.loads(got["index.json"])
+    assert index["chunks"] == json.loads(expected["index.json"])["chunks"]
+
+
 def test_reference_with_another_vocabulary_is_refused_before_any_work(small_world, tmp_path):
     from flywheel.world.model import new_model
     from flywheel.world.tokenizer import train_tokenizer
