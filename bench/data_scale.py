@@ -91,7 +91,8 @@ def peak_tree_rss(cmd: list[str]) -> tuple[float, float, str]:
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "300"})  # rich wraps at 80 columns otherwise
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -203,7 +204,7 @@ def main() -> None:
             write_config(cfg, home, corpus, tokdir, budget=1 << 20)
             rss, wall, out = peak_tree_rss([FLYWHEEL, "prepare-data", str(cfg), "--workers", "2"])
             meta = store_meta(home)
-            build_s = float(re.search(r"built in ([0-9.]+) s", out).group(1))  # the store build, not CLI start-up
+            build_s = float(re.search(r"built\s+in\s+([0-9.]+)\s+s", out).group(1))  # the store build, not CLI start-up
             builds[label] = {"tokens": meta["tokens"], "documents": meta["documents"], "shards": len(meta["shards"]),
                              "rss": rss, "seconds": wall, "build_s": build_s, "tps": meta["tokens"] / build_s,
                              "wall_tps": meta["tokens"] / wall,
