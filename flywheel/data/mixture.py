@@ -32,7 +32,15 @@ import numpy as np
 
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import atomic_dir, distributed_rank, fingerprint, wait_until, write_json
-from flywheel.data.store import BuildReport, SourceStore, build_source, open_store, source_files, store_key
+from flywheel.data.store import (
+    BuildReport,
+    SourceStore,
+    build_source,
+    estimate_tokens,
+    open_store,
+    source_files,
+    store_key,
+)
 from flywheel.errors import FlywheelError
 
 MIX_VERSION = 2
@@ -184,8 +192,6 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     `on_source(i, estimated_tokens)` is called before source i's store is built, `on_tokens(n)` as
     its tokens are written (the CLI's progress bar).
     """
-    from flywheel.data.store import estimate_tokens
-
     mt = cfg.midtrain
     n_windows = mt.token_budget // mt.seq_len
     if n_windows == 0:

@@ -322,8 +322,8 @@ def plan_pieces(cfg: FlywheelConfig, src: DataSource, workers: int) -> list[Piec
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            groups = pq.ParquetFile(path).metadata.num_row_groups
-            rows = pq.ParquetFile(path).metadata.num_rows
+            meta = pq.ParquetFile(path).metadata
+            groups, rows = meta.num_row_groups, meta.num_rows
             per = max(1, groups * PIECE_BYTES // max(1, path.stat().st_size)) if rows else groups
             pieces += [Piece(str(path), g, min(groups, g + per), "parquet") for g in range(0, groups, per)]
         else:

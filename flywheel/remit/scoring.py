@@ -229,9 +229,14 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
                   lambda: [] if (final / "index.json").exists() else ["index.json"])
         return ScoreReport(open_cache(final, key, len(packed), mt.seq_len, verify=False), corpus, computed,
                            time.perf_counter() - t0, tps)
-    wait_until("the other ranks' reference chunks", lambda: [
-        f"chunk-{c:05d}" for c in range(n_chunks) if not _chunk_done(partial / f"chunk-{c:05d}.npy",
-                                                                     bounds(c)[1] - bounds(c)[0], mt.seq_len)])
+    waiting = set(range(n_chunks)) - set(range(0, n_chunks, world))  # rank 0's own are written
+
+    def missing() -> list[str]:  # each poll looks only at the chunks not yet seen complete
+        waiting.difference_update([c for c in sorted(waiting) if _chunk_done(
+            partial / f"chunk-{c:05d}.npy", bounds(c)[1] - bounds(c)[0], mt.seq_len)])
+        return [f"chunk-{c:05d}" for c in sorted(waiting)]
+
+    wait_until("the other ranks' reference chunks", missing)
     chunks = [
         {"file": f"chunk-{c:05d}.npy", "rows": min(len(packed), (c + 1) * rows_per_chunk) - c * rows_per_chunk,
          "sha256": _sha256(partial / f"chunk-{c:05d}.npy")}
