@@ -20,11 +20,12 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from transformers import TrainerCallback
 
 from flywheel import rounds
-from flywheel.config import FlywheelConfig, load_config, validate_config
+from flywheel.config import FlywheelConfig, LaunchSpec, load_config, validate_config
 from flywheel.errors import FlywheelError, is_permanent_os_error
+from flywheel.launch import launched
+from flywheel.safety import ProgressLog
 from flywheel.slot import RoundSlot
 
 
@@ -46,21 +47,37 @@ STAGE = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _no_retry
          "cache_policy": NO_CACHE}
 
 
-class LogProgress(TrainerCallback):
+def LogProgress(name: str) -> ProgressLog:  # noqa: N802 - reads as the callback class it returns
     """Training progress into the Prefect run log, about ten lines per stage."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-        every = max(1, state.max_steps // 10)
-        if logs and "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
-            get_run_logger().info("%s step %d/%d loss %.4f", self.name, state.global_step, state.max_steps,
-                                  logs["loss"])
+    return ProgressLog(name, lambda message: get_run_logger().info(message))
 
 
 def _cfg(config: dict[str, Any]) -> FlywheelConfig:
     return validate_config(config)
+
+
+def _launch(cfg: FlywheelConfig, stage: str) -> LaunchSpec:
+    """The stage's launch; lm-eval shares requests over ranks on CUDA devices only, so elsewhere it gets one."""
+    spec = cfg.launch.for_stage(stage)
+    if stage == "evaluate" and (spec.nproc_per_node or 1) > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            get_run_logger().info("evaluate: lm-eval splits requests over ranks only on CUDA devices "
+                                  "(lm_eval/models/huggingface.py checks torch.cuda.device_count() > 1); one process")
+            spec = spec.model_copy(update={"nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": None})
+    return spec
+
+
+def _stage(config: dict[str, Any], stage: str, plan: dict[str, Any], here: Callable[[], dict[str, Any]],
+           label: str | None = None, **args: Any) -> dict[str, Any]:
+    """Run a stage in this process (launch kind local) or as a launched job whose result is read back."""
+    cfg = _cfg(config)
+    spec = _launch(cfg, stage)
+    if spec.kind == "local":
+        return here()
+    logger = get_run_logger()
+    return launched(cfg, stage, {"config": config, "plan": plan, **args}, spec, logger.info, label=label)
 
 
 @task(name="plan-round")
@@ -70,22 +87,26 @@ def plan_round_task(config: dict[str, Any], round: int | None) -> dict[str, Any]
 
 @task(name="score-reference", **STAGE)
 def score_reference_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    return rounds.stage_score_reference(_cfg(config), plan)
+    return _stage(config, "score_reference", plan, lambda: rounds.stage_score_reference(_cfg(config), plan))
 
 
 @task(name="midtrain", **STAGE)
 def midtrain_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    return rounds.stage_midtrain(_cfg(config), plan, callbacks=[LogProgress("midtrain")])
+    return _stage(config, "midtrain", plan,
+                  lambda: rounds.stage_midtrain(_cfg(config), plan, callbacks=[LogProgress("midtrain")]))
 
 
 @task(name="evaluate", **STAGE)
 def evaluate_task(config: dict[str, Any], plan: dict[str, Any], checkpoint: str, kind: str) -> dict[str, Any]:
-    return rounds.stage_evaluate(_cfg(config), plan, checkpoint, kind)
+    return _stage(config, "evaluate", plan, lambda: rounds.stage_evaluate(_cfg(config), plan, checkpoint, kind),
+                  label=f"evaluate-{kind}", checkpoint=checkpoint, kind=kind)
 
 
 @task(name="posttrain", **STAGE)
 def posttrain_task(config: dict[str, Any], plan: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    return rounds.stage_posttrain(_cfg(config), plan, base, callbacks=[LogProgress("posttrain")])
+    return _stage(config, "posttrain", plan,
+                  lambda: rounds.stage_posttrain(_cfg(config), plan, base, callbacks=[LogProgress("posttrain")]),
+                  base=base)
 
 
 @task(name="promote", **STAGE)

@@ -16,8 +16,9 @@ import logging
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
-from flywheel.data.io import write_json
+from flywheel.data.io import atomic_dir, write_json
 from flywheel.errors import FlywheelError
 
 MANIFEST = "flywheel-manifest.json"
@@ -132,3 +133,20 @@ def first_non_finite(folder: Path) -> str | None:
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     return name
     return None
+
+
+def publish_trained(trainer: Any, tokenizer: Any, final: Path, record_file: str, record: dict[str, Any]) -> None:
+    """Publish a trained model as one plain HF folder: the full weights, whatever the sharding.
+
+    Every rank calls this: under FSDP the full state dict is a collective gather (to rank 0, on the
+    CPU), so a rank-0-only `save_pretrained` would write rank 0's shard. Rank 0 then writes the
+    safetensors, the tokenizer, the stage's record and, last, the manifest, inside `atomic_dir`.
+    """
+    acc = trainer.accelerator
+    state = acc.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        with atomic_dir(final) as tmp:
+            acc.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / record_file, record)
+            write_manifest(tmp)  # last: reuse verifies against it

@@ -227,6 +227,34 @@ def evaluate_cmd(
     console.print(f"results: {result.results_path}\nsamples: {result.samples_path}")
 
 
+@app.command("stage", hidden=True)
+def stage_cmd(
+    name: Annotated[str, typer.Argument(help="score_reference | midtrain | posttrain | evaluate")],
+    input_file: Annotated[Path, typer.Option("--input", help="The job's input: config, plan, stage arguments.")],
+    result_file: Annotated[Path, typer.Option("--result", help="Where rank 0 writes the stage's result.")],
+) -> None:
+    """One stage of a round as a launched job (what `launch: torchrun | accelerate` runs on every rank)."""
+    import json
+
+    from flywheel.config import validate_config
+    from flywheel.data.io import write_json
+    from flywheel.launch import rank_logs_to_file, watch_parent
+    from flywheel.safety import ProgressLog
+
+    rank_logs_to_file()
+    watch_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name_ in ("flywheel", "flywheel.posttrain", "flywheel.midtrain"):
+        logging.getLogger(name_).setLevel(logging.INFO)
+    payload = json.loads(input_file.read_text())
+    cfg = validate_config(payload["config"], str(input_file))
+    from flywheel import rounds
+
+    out = rounds.run_named_stage(name, cfg, payload, callbacks=[ProgressLog(name, lambda m: print(m, flush=True))])
+    if rounds.is_main_rank():
+        write_json(result_file, out)
+
+
 @app.command()
 def compare(config: ConfigArg) -> None:
     """Rounds × metrics with deltas against the previous round and round 0; writes and logs a PNG plot."""

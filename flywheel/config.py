@@ -275,6 +275,75 @@ class PromotionConfig(Section):
     force: bool = False
 
 
+LAUNCH_STAGES = ("score_reference", "midtrain", "posttrain", "evaluate")  # the stages a launcher can run
+
+
+class LaunchSpec(Section):
+    """How one stage's processes start: in the flow's own process, or as a torchrun / accelerate job."""
+
+    kind: Literal["local", "torchrun", "accelerate"] = "local"
+    nproc_per_node: int | None = Field(None, ge=1)  # processes per node (one per GPU); None: 1, or accelerate's file
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous (node 0) when nnodes > 1
+    config_file: str | None = None  # accelerate: its config file, e.g. deploy/accelerate/fsdp.yaml
+    grace_seconds: float = Field(60.0, gt=0)  # after SIGTERM, how long every rank has to save before SIGKILL
+    timeout_minutes: float | None = Field(None, gt=0)  # the stage is stopped (SIGTERM, then SIGKILL) after this
+
+    @model_validator(mode="after")
+    def _coherent(self) -> LaunchSpec:
+        if self.kind == "local" and ((self.nproc_per_node or 1) > 1 or self.nnodes > 1):
+            raise ValueError("kind local runs one process in the flow's own process; set kind: torchrun (or "
+                             "accelerate) to start nproc_per_node × nnodes processes")
+        if self.kind == "accelerate" and not self.config_file:
+            raise ValueError("kind accelerate needs config_file (e.g. deploy/accelerate/fsdp.yaml)")
+        if self.kind != "accelerate" and self.config_file:
+            raise ValueError("config_file is read by kind accelerate only; remove it or set kind: accelerate")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (host:port of node 0, reachable from "
+                             "every node)")
+        if self.rdzv_endpoint and not re.fullmatch(r"[\w.-]+:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint must be host:port (got '{self.rdzv_endpoint}')")
+        return self
+
+
+class LaunchConfig(LaunchSpec):
+    """The launcher of every heavy stage, with per-stage changes under `stages` (fields not set there are kept).
+
+    For example `launch: {kind: torchrun, nproc_per_node: 8, stages: {evaluate: {nproc_per_node: 1}}}`.
+    """
+
+    stages: dict[Literal["score_reference", "midtrain", "posttrain", "evaluate"], dict[str, Any]] = Field(
+        default_factory=dict)
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> LaunchConfig:
+        for name in self.stages:
+            try:
+                self.for_stage(name)
+            except ValidationError as exc:
+                raise ValueError("; ".join(_launch_problem(name, e) for e in exc.errors())) from None
+        return self
+
+    def for_stage(self, stage: str) -> LaunchSpec:
+        """The launch of `stage`: the top-level fields with that stage's own fields on top."""
+        base = self.model_dump(exclude={"stages"})
+        change = self.stages.get(stage, {})
+        if change.get("kind") == "local" and not {"nproc_per_node", "nnodes"} & change.keys():
+            base.update(nproc_per_node=None, nnodes=1, rdzv_endpoint=None)  # `{kind: local}` alone means one process
+        if "kind" in change and change["kind"] != "accelerate" and "config_file" not in change:
+            base["config_file"] = None
+        return LaunchSpec.model_validate({**base, **change})
+
+
+def _launch_problem(stage: str, err: dict[str, Any]) -> str:
+    where = ".".join(["launch.stages", stage, *map(str, err["loc"])])
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown field (allowed: {', '.join(f for f in LaunchSpec.model_fields)})"
+    if err["type"] == "value_error":
+        return f"{where}: {err['ctx'].get('error', err['msg'])}"
+    return f"{where}: {err['msg'].replace('Input should be', 'must be')} (got {_short(err.get('input'))})"
+
+
 def _default_home() -> Path:
     return Path(os.environ.get("FLYWHEEL_HOME", "./.flywheel"))
 
@@ -293,6 +362,7 @@ class FlywheelConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @field_validator("home")
     @classmethod

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import fingerprint
+from flywheel.data.io import distributed_rank, fingerprint
+from flywheel.errors import FlywheelError
 from flywheel.failpoints import failpoint
 from flywheel.tracking.compare import log_round_metrics
 from flywheel.tracking.registry import (
@@ -54,7 +55,6 @@ def plan_round(cfg: FlywheelConfig, round_n: int | None = None) -> dict[str, Any
     kill at any point takes that round's recorded plan and finishes it before a new round can start.
     Call it holding the flywheel's round slot: it also marks dead processes' stage runs KILLED.
     """
-    from flywheel.errors import FlywheelError
 
     check_gate_metric(cfg)
     tracker = open_tracker(cfg)
@@ -115,7 +115,6 @@ def _resolved(tracker: Tracker, recorded: dict[str, Any]) -> dict[str, Any]:
 
 def check_gate_metric(cfg: FlywheelConfig) -> None:
     """`promotion.metric` must be a name the evaluation will report: checked before any work, not after it."""
-    from flywheel.errors import FlywheelError
     from flywheel.evaluation.registry import BUNDLED, PRESETS, TASKS_DIR
     from flywheel.metrics import AVG, PREFIX, metric_key
 
@@ -155,7 +154,6 @@ def record_round(cfg: FlywheelConfig, tracker: Tracker, round_n: int) -> None:
 
 def check_store_history(cfg: FlywheelConfig, tracker: Tracker) -> None:
     """A tracking store that lost the rounds this home ran is an error, never a silent restart at round 0."""
-    from flywheel.errors import FlywheelError
     from flywheel.tracking.store import tracking_uri
 
     path = _ledger(cfg)
@@ -176,6 +174,26 @@ def check_store_history(cfg: FlywheelConfig, tracker: Tracker) -> None:
         "verify, so only registration, evaluation and promotion are redone)")
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of a launched job (or the only process) does the MLflow bookkeeping; the others only compute."""
+    return distributed_rank()[0] == 0
+
+
+def run_named_stage(name: str, cfg: FlywheelConfig, payload: dict[str, Any],
+                    callbacks: list | None = None) -> dict[str, Any]:
+    """A stage by its launch name, with the arguments a launched job reads from its input file."""
+    p = payload["plan"]
+    if name == "score_reference":
+        return stage_score_reference(cfg, p)
+    if name == "midtrain":
+        return stage_midtrain(cfg, p, callbacks=callbacks)
+    if name == "posttrain":
+        return stage_posttrain(cfg, p, payload["base"], callbacks=callbacks)
+    if name == "evaluate":
+        return stage_evaluate(cfg, p, payload["checkpoint"], payload["kind"])
+    raise FlywheelError(f"stage: unknown stage '{name}' (one of score_reference, midtrain, posttrain, evaluate)")
+
+
 def _plan(p: dict[str, Any]) -> RoundPlan:
     return RoundPlan(p["round"], p["reference_version"], Path(p["reference_path"]) if p["reference_path"] else None,
                      p["base"], p["base_version"])
@@ -189,6 +207,9 @@ def stage_score_reference(cfg: FlywheelConfig, p: dict[str, Any]) -> dict[str, A
         return {"cache": None}
     from flywheel.remit.scoring import score_reference
 
+    if not is_main_rank():  # a launched job's other ranks score their chunks; rank 0 records
+        score_reference(rcfg, p["reference_path"])
+        return {}
     tracker = open_tracker(cfg)
     with tracker.stage_run(p["round"], "score_reference", {"reference": p["reference_version"]}) as run:
         rep = score_reference(rcfg, p["reference_path"])
@@ -203,12 +224,15 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
 
     plan = _plan(p)
     rcfg = round_config(cfg, plan)
+    reference = str(plan.reference_path) if plan.reference_path else None
+    if not is_main_rank():
+        midtrain(rcfg, base=plan.base, reference=reference, callbacks=callbacks)
+        return {}
     tracker = open_tracker(cfg)
     base_source = f"{base_model_name(cfg)} v{plan.base_version}" if plan.base_version else plan.base
     with tracker.stage_run(plan.round, "midtrain", {"midtrain": rcfg.midtrain.model_dump(mode="json"),
                                                     "base": plan.base, "reference": plan.reference_version}) as run:
-        res = midtrain(rcfg, base=plan.base, reference=str(plan.reference_path) if plan.reference_path else None,
-                       callbacks=callbacks)
+        res = midtrain(rcfg, base=plan.base, reference=reference, callbacks=callbacks)
         tracker.log_history(run, res.metrics.get("log_history", []))
         corpus_key = res.metrics.get("corpus") or res.key
         for src in rcfg.data.sources:
@@ -259,6 +283,9 @@ def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind
     from flywheel.data.io import file_fingerprint, write_json
     from flywheel.evaluation import evaluate
 
+    if not is_main_rank():  # lm-eval splits the requests over a launched job's ranks and gathers on rank 0
+        evaluate(cfg, checkpoint, kind=kind)
+        return {}
     manifest = Path(checkpoint) / "flywheel-manifest.json"
     memo = None
     if manifest.exists():
@@ -289,6 +316,9 @@ def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any]
     """Run the TRL chain on the mid-trained base; register the result as the `<name>-rl` candidate."""
     from flywheel.posttrain import posttrain
 
+    if not is_main_rank():
+        posttrain(cfg, base["checkpoint"], callbacks=callbacks)
+        return {}
     tracker = open_tracker(cfg)
     res = posttrain(cfg, base["checkpoint"], callbacks=callbacks)
     run_ids = []

@@ -125,6 +125,19 @@ class SafetyCallback(TrainerCallback):
             failpoint(s.failpoint)
 
 
+class ProgressLog(TrainerCallback):
+    """About ten progress lines per stage through `say` (the Prefect run log, or rank 0's stdout in a job)."""
+
+    def __init__(self, name: str, say: Any):
+        self.name, self.say = name, say
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        every = max(1, state.max_steps // 10)
+        if logs and "loss" in logs and state.is_world_process_zero and (
+                state.global_step % every == 0 or state.global_step == state.max_steps):
+            self.say(f"{self.name} step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+
+
 @contextlib.contextmanager
 def sigterm_sets_flag(safety: SafetyState) -> Iterator[None]:
     """For the duration of the block, SIGTERM only sets `safety.sigterm`; the previous handler comes back after."""

@@ -159,6 +159,8 @@ def evaluate(cfg: FlywheelConfig, checkpoint: str | Path, *, kind: Kind = "base"
     except OSError as exc:  # transformers reports a missing or unreadable model as OSError
         raise FlywheelError(f"{checkpoint}: could not load the model ({str(exc).splitlines()[0]})") from None
 
+    if results is None:  # a rank other than 0 of a data-parallel run: lm-eval gathered its scores on rank 0
+        return EvalResult({}, None, None, kind, model, time.perf_counter() - t0)
     metrics = flatten_results(results)
     folder = Path(out_dir) if out_dir is not None else eval_dir(cfg, model, kind)
     samples_path = folder / SAMPLES_FILE

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.checkpoints import reuse_verified, write_manifest
+from flywheel.checkpoints import publish_trained, reuse_verified
 from flywheel.config import FlywheelConfig, PosttrainStage
 from flywheel.data.io import (
-    atomic_dir,
     fingerprint,
     last_complete_checkpoint,
     read_jsonl,
@@ -34,6 +33,7 @@ from flywheel.data.io import (
     write_jsonl,
 )
 from flywheel.errors import FlywheelError
+from flywheel.launch import launch_kind
 from flywheel.models import load_model, load_tokenizer, model_identity, resolve_model
 from flywheel.posttrain.data import StageData, load_stage_data
 from flywheel.posttrain.rewards import NEEDS_COLUMNS, RewardFn, resolve_reward
@@ -313,14 +313,11 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
         notes |= _zero_advantage_summary(history)
     result = StageResult(plan.index, plan.kind, final, resumed_from=resume, steps=steps,
                          seconds_per_step=train_s / max(1, steps), log_history=history, notes=notes)
+    publish_trained(trainer, tok, final, "flywheel-posttrain.json",
+                    {"kind": plan.kind, "stage": plan.index, "source": source, "data": plan.data.source,
+                     "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+                     "launch": launch_kind()})
     if trainer.is_world_process_zero():
-        with atomic_dir(final) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "flywheel-posttrain.json", {"kind": plan.kind, "stage": plan.index,
-                                                         "source": source, "data": plan.data.source,
-                                                         "steps": trainer.state.global_step})
-            write_manifest(tmp)  # last: reuse verifies against it
         write_json(stage_dir / "stage.json", {"steps": steps, "seconds_per_step": result.seconds_per_step,
                                               "log_history": history, "notes": notes})
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)

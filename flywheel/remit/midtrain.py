@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.checkpoints import reuse_verified, write_manifest
+from flywheel.checkpoints import publish_trained, reuse_verified
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import atomic_dir, fingerprint, last_complete_checkpoint, write_json
+from flywheel.data.io import fingerprint, last_complete_checkpoint, write_json
 from flywheel.data.mixture import build_mixture
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
+from flywheel.launch import launch_kind
 from flywheel.models import (
     check_same_vocabulary,
     load_model,
@@ -202,16 +203,15 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         history = trainer.state.log_history
         result.metrics = {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": history,
                           "objective": mt.objective, "base": base, "reference": reference,
-                          "corpus": corpus.key, "resumed_from": resume}
+                          "corpus": corpus.key, "resumed_from": resume, "world_size": _world_size(),
+                          "launch": launch_kind(), "global_batch": global_batch}
         if diagnostics is not None:
             result.html = diagnostics.write_html(run_dir / "remit-weights.html",
                                                  f"{cfg.name}: {mt.objective} token weights", mt.epsilon)
-        with atomic_dir(final) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "flywheel-midtrain.json", {k: v for k, v in result.metrics.items() if k != "log_history"}
-                       | {"key": key})
-            write_manifest(tmp)  # last: reuse verifies against it
+    record = {k: v for k, v in result.metrics.items() if k != "log_history"} | {
+        "key": key, "fsdp": bool(trainer.is_fsdp_enabled)}
+    publish_trained(trainer, tok, final, "flywheel-midtrain.json", record)  # every rank: FSDP gathers here
+    if trainer.is_world_process_zero():
         write_json(run_dir / "metrics.json", result.metrics)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

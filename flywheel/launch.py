@@ -1,0 +1,281 @@
+"""Run one stage as a job: `flywheel stage NAME` under torchrun or accelerate, in its own process group.
+
+Prefect stays the control plane, not the launcher. A flow's task calls `run_stage`, which writes the
+stage's input (the validated config and the round's references) to a folder under `home/launch/`,
+starts the launcher in a new session, streams its output (rank 0's lines and the launcher's own)
+to `say`, and reads the stage's result from the JSON file rank 0 writes. Ranks other than 0 write
+their own `logs/rank<R>.log`; every log is kept as an MLflow artifact of the stage's runs.
+
+Stopping is never left to chance: an exception while waiting (Prefect cancels the flow run with
+SIGTERM, a task timeout, Ctrl-C) or `timeout_minutes` sends SIGTERM to the whole group, every rank
+saves a checkpoint at the end of its step (flywheel/safety.py), and whatever is still alive after
+`grace_seconds` gets SIGKILL. If this process itself is killed outright, each rank notices that its
+parent is gone (`watch_parent`) and stops the same way, so no orphaned rank keeps a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import FlywheelConfig, LaunchSpec
+from flywheel.data.io import write_json
+from flywheel.errors import FlywheelError, Preempted
+
+ENV_LOGS = "FLYWHEEL_STAGE_LOGS"  # the folder where ranks other than 0 write rank<R>.log
+ENV_PARENT = "FLYWHEEL_PARENT_PID"  # the process that launched the job: ranks stop when it is gone
+ENV_LAUNCH = "FLYWHEEL_LAUNCH"  # local | torchrun | accelerate, recorded beside the stage's output
+TAIL_LINES = 30
+
+
+class StageFailed(FlywheelError):
+    """A launched stage exited non-zero; the message carries the failing rank's last log lines."""
+
+    exit_code = 1
+
+
+@dataclass
+class StageJob:
+    """What a launched stage left: its result, its folder (input, result, logs) and how long it took."""
+
+    stage: str
+    folder: Path
+    result: dict[str, Any]
+    seconds: float
+    argv: list[str]
+
+
+def launch_kind() -> str:
+    """How this process was started: what the launcher said, else torchrun's own variables, else local."""
+    if os.environ.get(ENV_LAUNCH):
+        return os.environ[ENV_LAUNCH]
+    return "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "local"
+
+
+def launcher_argv(spec: LaunchSpec, stage_args: list[str], job_id: str) -> list[str]:
+    """The command line that starts `flywheel stage ...` on this node under `spec`'s launcher."""
+    py = sys.executable
+    stage = ["-m", "flywheel.cli", "stage", *stage_args]
+    if spec.kind == "local":
+        return [py, *stage]
+    if spec.kind == "torchrun":
+        argv = [py, "-m", "torch.distributed.run", f"--nproc-per-node={spec.nproc_per_node or 1}",
+                f"--nnodes={spec.nnodes}", "--max-restarts=0", f"--shutdown-timeout={int(spec.grace_seconds)}"]
+        if spec.nnodes == 1 and not spec.rdzv_endpoint:
+            argv.append("--standalone")
+        else:
+            argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={spec.rdzv_endpoint}", f"--rdzv-id={job_id}"]
+        return argv + stage
+    argv = [py, "-m", "accelerate.commands.launch", "--config_file", str(spec.config_file),
+            "--num_machines", str(spec.nnodes)]
+    if spec.nproc_per_node:
+        argv += ["--num_processes", str(spec.nproc_per_node * spec.nnodes)]
+    if spec.rdzv_endpoint:
+        host, port = spec.rdzv_endpoint.rsplit(":", 1)
+        argv += ["--main_process_ip", host, "--main_process_port", port, "--rdzv_backend", "c10d"]
+    return argv + stage
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(proc: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGTERM to the job's whole group, SIGKILL to what is left after the grace period; reaps the leader."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # the leader is reaped here; its children by it, or by init once it is gone
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.2)
+    proc.poll()
+
+
+def failing_rank(launcher_output: str) -> int | None:
+    """The rank torchrun names as the root cause of a failure (accelerate launches through torchrun too)."""
+    cause = launcher_output.rsplit("Root Cause", 1)
+    if len(cause) < 2:
+        return None
+    found = re.search(r"rank\s*:\s*(\d+)", cause[1])
+    return int(found.group(1)) if found else None
+
+
+def _tail(path: Path, n: int = TAIL_LINES) -> str:
+    if not path.exists():
+        return "(no log)"
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+def run_stage(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: LaunchSpec, folder: Path,
+              say: Callable[[str], None] = print) -> StageJob:
+    """Run `flywheel stage <stage>` as a job under `spec`, wait for it and return its result.
+
+    `payload` is what the stage reads (`config`, `plan` and stage arguments). A non-zero exit raises
+    `StageFailed` (or `Preempted` for a stage stopped by SIGTERM) with the failing rank's last lines.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = folder / "logs"
+    logs.mkdir(exist_ok=True)
+    inp, out = folder / "input.json", folder / "result.json"
+    out.unlink(missing_ok=True)
+    write_json(inp, payload)
+    argv = launcher_argv(spec, [stage, "--input", str(inp), "--result", str(out)], job_id=folder.name)
+    env = {**os.environ, ENV_LOGS: str(logs), ENV_PARENT: str(os.getpid()), ENV_LAUNCH: spec.kind,
+           "PYTHONUNBUFFERED": "1"}
+    say(f"{stage}: launching {spec.kind} ({_shape(spec)}); logs in {logs}")
+    t0 = time.monotonic()
+    lines: queue.Queue[str | None] = queue.Queue()
+    with open(logs / "rank0.log", "w") as rank0:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True, text=True, errors="replace", bufsize=1)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                rank0.write(line)
+                rank0.flush()
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        reader = threading.Thread(target=pump, name=f"flywheel-{stage}-log", daemon=True)
+        reader.start()
+        deadline = t0 + spec.timeout_minutes * 60 if spec.timeout_minutes else None
+        try:
+            done = False
+            while not done:
+                try:
+                    line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    done = True
+                elif line:
+                    say(line)
+                if deadline is not None and time.monotonic() > deadline:
+                    say(f"{stage}: past launch.timeout_minutes ({spec.timeout_minutes}); stopping its processes")
+                    stop_group(proc, spec.grace_seconds)
+                    raise StageFailed(f"{stage}: stopped after launch.timeout_minutes = {spec.timeout_minutes} "
+                                      f"(each rank saved its checkpoint if it could); logs in {logs}")
+            proc.wait()
+        except BaseException:
+            stop_group(proc, spec.grace_seconds)  # cancelled, timed out or interrupted: no rank outlives us
+            raise
+        finally:
+            reader.join(timeout=5)
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        text = (logs / "rank0.log").read_text(errors="replace")
+        rank = failing_rank(text)
+        where = logs / ("rank0.log" if rank in (None, 0) else f"rank{rank}.log")
+        what = f"rank {rank}" if rank is not None else "the job"
+        message = (f"{stage}: {what} exited with code {proc.returncode} after {seconds:.0f} s; "
+                   f"last lines of {where}:\n{_tail(where)}")
+        if proc.returncode in (143, -signal.SIGTERM) or "stopped by SIGTERM" in text:
+            raise Preempted(message)
+        raise StageFailed(message)
+    if not out.exists():
+        raise StageFailed(f"{stage}: the job exited 0 but wrote no result ({out}); last lines of "
+                          f"{logs / 'rank0.log'}:\n{_tail(logs / 'rank0.log')}")
+    return StageJob(stage, folder, json.loads(out.read_text()), seconds, argv)
+
+
+def _shape(spec: LaunchSpec) -> str:
+    procs = "processes from " + str(spec.config_file) if spec.nproc_per_node is None and spec.kind == "accelerate" \
+        else f"{spec.nproc_per_node or 1} process(es)"
+    return f"{procs} × {spec.nnodes} node(s)" if spec.nnodes > 1 else procs
+
+
+# --- inside the job: what each rank does before the stage runs -------------------------------
+
+
+def rank_logs_to_file() -> None:
+    """Ranks other than 0 write their stdout and stderr (Python's and C's) to `rank<R>.log` in the job's folder."""
+    folder, rank = os.environ.get(ENV_LOGS), int(os.environ.get("RANK", "0"))
+    if not folder or rank == 0:
+        return
+    fd = os.open(Path(folder) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def watch_parent(poll: float = 1.0) -> None:
+    """If the process that launched this job dies (even by SIGKILL), SIGTERM ourselves once: save and stop."""
+    parent = os.environ.get(ENV_PARENT)
+    if not parent:
+        return
+    pid = int(parent)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="flywheel-parent-watch", daemon=True).start()
+
+
+def job_folder(cfg: FlywheelConfig, round_n: int, stage: str) -> Path:
+    """A fresh folder for one launch of a stage (a retry gets its own, so its logs never mix with the last)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+    return cfg.home / "launch" / cfg.name / f"round-{round_n}" / f"{stage}-{stamp}"
+
+
+def keep_logs(cfg: FlywheelConfig, round_n: int, stage: str, logs: Path, since_ms: int) -> list[str]:
+    """Every rank's log as an artifact (`logs/`) of the stage's MLflow runs started since the launch."""
+    from flywheel.tracking.store import STAGE_TAG, open_tracker
+
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return []
+    tracker = open_tracker(cfg)
+    runs = [r.info.run_id for r in tracker.stage_runs(round_n)
+            if r.info.start_time >= since_ms and r.data.tags.get(STAGE_TAG, "").startswith(stage)]
+    for run_id in runs:
+        tracker.log_artifact(run_id, logs, "logs")
+    return runs
+
+
+def launched(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: LaunchSpec,
+             say: Callable[[str], None], label: str | None = None) -> dict[str, Any]:
+    """`run_stage` for a round's stage, with its logs kept in MLflow whether it succeeds or fails."""
+    round_n = payload["plan"]["round"]
+    folder = job_folder(cfg, round_n, label or stage)
+    since = int(time.time() * 1000) - 1000
+    try:
+        return run_stage(cfg, stage, payload, spec, folder, say=say).result
+    finally:
+        try:
+            keep_logs(cfg, round_n, stage, folder / "logs", since)
+        except Exception as exc:  # noqa: BLE001 - the stage's own outcome matters more than its logs' copy
+            say(f"{stage}: could not copy the logs of {folder} to MLflow ({exc})")
