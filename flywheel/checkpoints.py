@@ -143,10 +143,14 @@ def publish_trained(trainer: Any, tokenizer: Any, final: Path, record_file: str,
     safetensors, the tokenizer, the stage's record and, last, the manifest, inside `atomic_dir`.
     """
     acc = trainer.accelerator
-    state = acc.get_state_dict(trainer.model)
+    state = acc.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
+        model = acc.unwrap_model(trainer.model)
+        if state is not None:  # gathered tensors no longer share storage: drop the tied copies save_pretrained would
+            for tied in getattr(model, "all_tied_weights_keys", None) or {}:
+                state.pop(tied, None)
         with atomic_dir(final) as tmp:
-            acc.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / record_file, record)
             write_manifest(tmp)  # last: reuse verifies against it

@@ -39,10 +39,11 @@ ENV_LAUNCH = "FLYWHEEL_LAUNCH"  # local | torchrun | accelerate, recorded beside
 TAIL_LINES = 30
 
 
-class StageFailed(FlywheelError):
-    """A launched stage exited non-zero; the message carries the failing rank's last log lines."""
+class StageFailed(RuntimeError):
+    """A launched stage crashed (not bad input: that is a FlywheelError); the message has the rank's last lines.
 
-    exit_code = 1
+    Not a FlywheelError, so the flow's task retries it like any transient failure (a lost node, a timeout).
+    """
 
 
 @dataclass
@@ -114,13 +115,14 @@ def stop_group(proc: subprocess.Popen, grace_seconds: float) -> None:
     proc.poll()
 
 
-def failing_rank(launcher_output: str) -> int | None:
-    """The rank torchrun names as the root cause of a failure (accelerate launches through torchrun too)."""
+def failing_rank(launcher_output: str) -> tuple[int | None, int | None]:
+    """The rank torchrun names as the root cause of a failure, and its exit code (accelerate uses torchrun too)."""
     cause = launcher_output.rsplit("Root Cause", 1)
     if len(cause) < 2:
-        return None
-    found = re.search(r"rank\s*:\s*(\d+)", cause[1])
-    return int(found.group(1)) if found else None
+        return None, None
+    rank = re.search(r"rank\s*:\s*(\d+)", cause[1])
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", cause[1])
+    return (int(rank.group(1)) if rank else None), (int(code.group(1)) if code else None)
 
 
 def _tail(path: Path, n: int = TAIL_LINES) -> str:
@@ -145,7 +147,7 @@ def run_stage(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: La
     write_json(inp, payload)
     argv = launcher_argv(spec, [stage, "--input", str(inp), "--result", str(out)], job_id=folder.name)
     env = {**os.environ, ENV_LOGS: str(logs), ENV_PARENT: str(os.getpid()), ENV_LAUNCH: spec.kind,
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}  # progress bars would flood the run log
     say(f"{stage}: launching {spec.kind} ({_shape(spec)}); logs in {logs}")
     t0 = time.monotonic()
     lines: queue.Queue[str | None] = queue.Queue()
@@ -189,13 +191,16 @@ def run_stage(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: La
     seconds = time.monotonic() - t0
     if proc.returncode != 0:
         text = (logs / "rank0.log").read_text(errors="replace")
-        rank = failing_rank(text)
+        rank, code = failing_rank(text)
+        code = proc.returncode if code is None else code
         where = logs / ("rank0.log" if rank in (None, 0) else f"rank{rank}.log")
         what = f"rank {rank}" if rank is not None else "the job"
-        message = (f"{stage}: {what} exited with code {proc.returncode} after {seconds:.0f} s; "
+        message = (f"{stage}: {what} exited with code {code} after {seconds:.0f} s; "
                    f"last lines of {where}:\n{_tail(where)}")
-        if proc.returncode in (143, -signal.SIGTERM) or "stopped by SIGTERM" in text:
+        if code in (143, -signal.SIGTERM) or "stopped by SIGTERM" in text:
             raise Preempted(message)
+        if code == FlywheelError.exit_code:  # bad input: the same every time, so no retry
+            raise FlywheelError(message)
         raise StageFailed(message)
     if not out.exists():
         raise StageFailed(f"{stage}: the job exited 0 but wrote no result ({out}); last lines of "
