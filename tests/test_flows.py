@@ -89,6 +89,25 @@ def _registry(cfg_path: Path):
     return open_tracker(load_config(cfg_path))
 
 
+def _wait_for_deployments(server: subprocess.Popen, log: Path) -> None:
+    """`flywheel serve` registers both deployments, then polls: wait until the server knows them."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.time() + 180
+    with get_client(sync_client=True) as client:
+        for name in ("flywheel-round/flywheel-round", "flywheel-round/flywheel-scheduled"):
+            while True:
+                tail = log.read_text()[-2000:]
+                assert server.poll() is None, f"flywheel serve exited: {tail}"
+                try:
+                    client.read_deployment_by_name(name)
+                    break
+                except ObjectNotFound:
+                    assert time.time() < deadline, f"{name} was never registered: {tail}"
+                    time.sleep(1)
+
+
 def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server, small_world, tmp_path):
     from prefect.deployments import run_deployment
 
@@ -102,20 +121,8 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         from prefect import get_client
-        from prefect.exceptions import ObjectNotFound
 
-        deadline = time.time() + 180
-        with get_client(sync_client=True) as client:  # `serve` registers both deployments, then polls
-            for name in ("flywheel-round/flywheel-round", "flywheel-round/flywheel-scheduled"):
-                while True:
-                    tail = (tmp_path / "serve.log").read_text()[-2000:]
-                    assert server.poll() is None, f"flywheel serve exited: {tail}"
-                    try:
-                        client.read_deployment_by_name(name)
-                        break
-                    except ObjectNotFound:
-                        assert time.time() < deadline, f"{name} was never registered: {tail}"
-                        time.sleep(1)
+        _wait_for_deployments(server, tmp_path / "serve.log")
         first = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=600,
                                poll_interval=2)
         assert first.state.is_completed(), first.state
@@ -278,3 +285,97 @@ def test_a_round_killed_at_every_stage_finishes_as_if_never_killed(prefect_serve
                      if r.parameters.get("config") == str(configs["killed"])]
     states = [r.state.name for r in flow_runs]
     assert states.count("Completed") == 2 and states.count("Crashed") == len(KILL_POINTS), states
+
+
+def _job_pids(part: str) -> list[int]:
+    """The launched stage processes (launcher and ranks) whose command line names this job folder part."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "flywheel.cli stage" in cmd and part in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_a_served_round_launched_with_torchrun_runs_two_ranks_and_a_cancel_leaves_no_rank_and_resumes(
+        prefect_server, small_world, tmp_path):
+    import psutil
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    from flywheel.remit.midtrain import midtrain
+
+    from .conftest import small_config
+
+    cfg, _ = small_world
+    two = {"kind": "torchrun", "nproc_per_node": 2, "grace_seconds": 20}
+    per_rank = {**TINY_ROUND["midtrain"], "batch_size": 4}  # two ranks × 4 = the one-process batch of 8
+    config = write_config(tmp_path / "launched.yaml", cfg.home, "launched", launch=two, midtrain=per_rank)
+    longer = write_config(tmp_path / "launched-long.yaml", cfg.home, "launched", launch=two,
+                          midtrain={**per_rank, "token_budget": 8192 * 8})  # round 1: long enough to cancel
+    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed with the server
+    server = subprocess.Popen([str(BIN / "flywheel"), "serve", str(config)], env=env, cwd=REPO,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    launches = cfg.home / "launch" / "launched"
+    try:
+        _wait_for_deployments(server, tmp_path / "serve.log")
+        first = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=900,
+                               poll_interval=2)
+        assert first.state.is_completed(), (first.state, (tmp_path / "serve.log").read_text()[-3000:])
+        for stage in ("score_reference", "midtrain", "posttrain"):
+            (job,) = (launches / "round-0").glob(f"{stage}-*")
+            assert sorted(p.name for p in (job / "logs").iterdir()) == ["rank0.log", "rank1.log"], stage
+
+        second = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(longer)}, timeout=0)
+        deadline = time.time() + 300
+        while not any("midtrain step" in p.read_text() for p in (launches / "round-1").glob("midtrain-*/logs/rank0.log")):
+            assert time.time() < deadline, "round 1 never reached mid-training steps"
+            time.sleep(0.5)
+        pids = _job_pids(str(launches / "round-1" / "midtrain-"))
+        assert len(pids) >= 3  # torchrun and its two ranks
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(second.id, Cancelling(message="cancelled by the test"), force=True)
+            t0 = time.time()
+            while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+                assert time.time() - t0 < 60, f"stage processes still alive 60 s after the cancel: {pids}"
+                time.sleep(0.5)
+            while not client.read_flow_run(second.id).state.is_final():
+                assert time.time() - t0 < 120
+                time.sleep(1)
+            assert client.read_flow_run(second.id).state.name in ("Cancelled", "Crashed")
+        saved = list((cfg.home / "runs" / "launched").glob("midtrain-*/checkpoints/checkpoint-*"))
+        assert saved, "no rank checkpoint was saved on the cancel"
+
+        third = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(longer)}, timeout=900,
+                               poll_interval=2)
+        assert third.state.is_completed(), (third.state, (tmp_path / "serve.log").read_text()[-3000:])
+    finally:
+        stop([server])
+        log.close()
+    tracker = _registry(config)
+    (resumed,) = [json.loads(p.read_text()) for p in (cfg.home / "runs" / "launched").glob("midtrain-*/metrics.json")
+                  if json.loads(p.read_text())["steps"] == 64]
+    assert resumed["resumed_from"] and resumed["world_size"] == 2 and resumed["launch"] == "torchrun"
+    for stage in ("score_reference", "midtrain", "posttrain"):  # round 1 scored with the round-0 RL model
+        assert any(sorted(p.name for p in (job / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+                   for job in (launches / "round-1").glob(f"{stage}-*")), stage
+    for model in ("base", "rl"):  # one registry version per model per round, the cancel notwithstanding
+        assert sorted(int(v.tags["flywheel.round"]) for v in
+                      tracker.client.search_model_versions(f"name = 'launched-{model}'")) == [0, 1]
+    runs = [r.info.run_name for r in tracker.stage_runs(0)]
+    assert sorted(runs) == sorted(["midtrain", "evaluate/base", "posttrain/sft", "posttrain/grpo",
+                                   "evaluate/post", "promote"]), runs
+    (mid,) = [r for r in tracker.stage_runs(0) if r.info.run_name == "midtrain"]
+    assert {a.path for a in tracker.client.list_artifacts(mid.info.run_id, "logs")} == {"logs/rank0.log",
+                                                                                       "logs/rank1.log"}
+    # round 0's two-rank loss curve is the one-process curve with the same global batch
+    one = midtrain(small_config(cfg.home, name="launched-one", midtrain={**TINY_ROUND["midtrain"], "objective": "ntp"}))
+    (two_rank,) = [json.loads(p.read_text()) for p in (cfg.home / "runs" / "launched").glob("midtrain-*/metrics.json")
+                   if json.loads(p.read_text())["steps"] == 8]
+    curve = [h["loss"] for h in two_rank["log_history"] if "loss" in h]
+    ref = [h["loss"] for h in one.metrics["log_history"] if "loss" in h]
+    assert len(curve) == len(ref) > 1 and max(abs(a - b) for a, b in zip(curve, ref, strict=True)) <= 1e-4
