@@ -57,15 +57,16 @@ def _cfg(config: dict[str, Any]) -> FlywheelConfig:
 
 
 def _launch(cfg: FlywheelConfig, stage: str) -> LaunchSpec:
-    """The stage's launch; lm-eval shares requests over ranks on CUDA devices only, so elsewhere it gets one."""
+    """The stage's launch. lm-eval shares requests over ranks on CUDA devices only: elsewhere it runs here."""
     spec = cfg.launch.for_stage(stage)
-    if stage == "evaluate" and (spec.nproc_per_node or 1) > 1:
+    if stage == "evaluate" and spec.kind != "local":
         import torch
 
         if not torch.cuda.is_available():
             get_run_logger().info("evaluate: lm-eval splits requests over ranks only on CUDA devices "
-                                  "(lm_eval/models/huggingface.py checks torch.cuda.device_count() > 1); one process")
-            spec = spec.model_copy(update={"nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": None})
+                                  "(lm_eval/models/huggingface.py checks torch.cuda.device_count() > 1); "
+                                  "evaluating in this process")
+            spec = LaunchSpec()
     return spec
 
 
@@ -87,6 +88,8 @@ def plan_round_task(config: dict[str, Any], round: int | None) -> dict[str, Any]
 
 @task(name="score-reference", **STAGE)
 def score_reference_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    if not rounds.needs_scoring(_cfg(config), plan):
+        return {"cache": None}  # nothing to score (an NTP round, online mode): no job to launch
     return _stage(config, "score_reference", plan, lambda: rounds.stage_score_reference(_cfg(config), plan))
 
 

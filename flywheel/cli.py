@@ -255,6 +255,34 @@ def stage_cmd(
         write_json(result_file, out)
 
 
+@app.command("render-job")
+def render_job_cmd(
+    config: ConfigArg,
+    stage: Annotated[str, typer.Option(help="score_reference | midtrain | posttrain | evaluate")] = "midtrain",
+    out: Annotated[Path, typer.Option(help="Folder for the files (default: home/launch/<name>/jobs/<stage>).")] = None,
+    args: Annotated[str, typer.Option(help="More arguments of the stage command, e.g. \"--checkpoint DIR\".")] = "",
+    image: Annotated[str, typer.Option(help="Container image of the Kubernetes job.")] = "ghcr.io/your-org/flywheel:latest",
+) -> None:
+    """Write a Slurm batch script and a Kubernetes Indexed Job that run one stage on launch.nnodes nodes."""
+    import shlex
+
+    from flywheel.config import LAUNCH_STAGES
+    from flywheel.launch import render_jobs
+
+    cfg = _load(config)
+    if stage not in LAUNCH_STAGES:
+        raise FlywheelError(f"--stage: must be one of {', '.join(LAUNCH_STAGES)} (got '{stage}')")
+    spec = cfg.launch.for_stage(stage)
+    if spec.kind == "local":
+        spec = spec.model_copy(update={"kind": "torchrun"})  # a job file always starts torchrun agents
+    folder = out or cfg.home / "launch" / cfg.name / "jobs" / stage
+    command = [stage.replace("_", "-"), str(config.resolve()), *shlex.split(args)]
+    files = render_jobs(cfg, spec, stage, command, folder, image=image)
+    console.print(f"{stage} on {spec.nnodes} node(s) × {spec.nproc_per_node or 1} process(es):")
+    console.print(f"  Slurm:      sbatch {files['slurm']}", soft_wrap=True)
+    console.print(f"  Kubernetes: kubectl apply -f {files['kubernetes']}", soft_wrap=True)
+
+
 @app.command()
 def compare(config: ConfigArg) -> None:
     """Rounds × metrics with deltas against the previous round and round 0; writes and logs a PNG plot."""

@@ -570,6 +570,21 @@ def rewards_note(stage: PosttrainStage) -> str | None:
     return names if "rewards" in stage.model_fields_set else f"{names} (the default: rewards is not set)"
 
 
+def _launch_summary(launch: LaunchConfig) -> str:
+    def one(spec: LaunchSpec) -> str:
+        if spec.kind == "local":
+            return "in the flow's process"
+        if spec.kind == "torchrun":
+            return f"torchrun ({spec.nproc_per_node or 1} × {spec.nnodes} node(s))"
+        return f"accelerate {spec.config_file}"
+
+    parts = [one(launch.for_stage("midtrain"))]
+    parts += [f"{stage}: {one(launch.for_stage(stage))}" for stage in launch.stages if stage != "midtrain"]
+    if "midtrain" in launch.stages:
+        parts[0] = f"midtrain: {parts[0]}; others: {one(launch)}"
+    return "; ".join(parts)
+
+
 def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
     """The few facts a person checks first, as (label, value) rows."""
     mt = cfg.midtrain
@@ -588,4 +603,5 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
         ("evaluation", ", ".join(cfg.evaluation.tasks)),
         ("promotion", f"{cfg.promotion.metric}, min_delta {cfg.promotion.min_delta:g}"),
         ("tracking", cfg.tracking.uri or "embedded MLflow (SQLite under home)"),
+        ("launch", _launch_summary(cfg.launch)),
     ]

@@ -199,11 +199,16 @@ def _plan(p: dict[str, Any]) -> RoundPlan:
                      p["base"], p["base_version"])
 
 
+def needs_scoring(cfg: FlywheelConfig, p: dict[str, Any]) -> bool:
+    """Whether the round's mid-training reads a reference cache (cached ReMiT / Rho-1 with a reference)."""
+    mt = round_config(cfg, _plan(p)).midtrain
+    return mt.objective in ("remit", "rho1") and mt.reference_mode == "cached" and bool(p["reference_path"])
+
+
 def stage_score_reference(cfg: FlywheelConfig, p: dict[str, Any]) -> dict[str, Any]:
     """Score the mixture with the round's reference (cached mode only; otherwise nothing to do)."""
     rcfg = round_config(cfg, _plan(p))
-    mt = rcfg.midtrain
-    if mt.objective not in ("remit", "rho1") or mt.reference_mode != "cached" or not p["reference_path"]:
+    if not needs_scoring(cfg, p):
         return {"cache": None}
     from flywheel.remit.scoring import score_reference
 

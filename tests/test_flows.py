@@ -326,9 +326,11 @@ def test_a_served_round_launched_with_torchrun_runs_two_ranks_and_a_cancel_leave
         first = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=900,
                                poll_interval=2)
         assert first.state.is_completed(), (first.state, (tmp_path / "serve.log").read_text()[-3000:])
-        for stage in ("score_reference", "midtrain", "posttrain"):
+        assert not list((launches / "round-0").glob("score_reference-*"))  # an NTP round has nothing to score
+        assert not list((launches / "round-0").glob("evaluate-*"))  # lm-eval splits over CUDA ranks only
+        for stage in ("midtrain", "posttrain"):
             (job,) = (launches / "round-0").glob(f"{stage}-*")
-            assert sorted(p.name for p in (job / "logs").iterdir()) == ["rank0.log", "rank1.log"], stage
+            assert sorted(p.name for p in (job / "logs").iterdir()) == ["launcher.log", "rank0.log", "rank1.log"], stage
 
         second = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(longer)}, timeout=0)
         deadline = time.time() + 300
@@ -361,7 +363,7 @@ def test_a_served_round_launched_with_torchrun_runs_two_ranks_and_a_cancel_leave
                   if json.loads(p.read_text())["steps"] == 64]
     assert resumed["resumed_from"] and resumed["world_size"] == 2 and resumed["launch"] == "torchrun"
     for stage in ("score_reference", "midtrain", "posttrain"):  # round 1 scored with the round-0 RL model
-        assert any(sorted(p.name for p in (job / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+        assert any(sorted(p.name for p in (job / "logs").iterdir()) == ["launcher.log", "rank0.log", "rank1.log"]
                    for job in (launches / "round-1").glob(f"{stage}-*")), stage
     for model in ("base", "rl"):  # one registry version per model per round, the cancel notwithstanding
         assert sorted(int(v.tags["flywheel.round"]) for v in
@@ -370,8 +372,8 @@ def test_a_served_round_launched_with_torchrun_runs_two_ranks_and_a_cancel_leave
     assert sorted(runs) == sorted(["midtrain", "evaluate/base", "posttrain/sft", "posttrain/grpo",
                                    "evaluate/post", "promote"]), runs
     (mid,) = [r for r in tracker.stage_runs(0) if r.info.run_name == "midtrain"]
-    assert {a.path for a in tracker.client.list_artifacts(mid.info.run_id, "logs")} == {"logs/rank0.log",
-                                                                                       "logs/rank1.log"}
+    assert {a.path for a in tracker.client.list_artifacts(mid.info.run_id, "logs")} == {
+        "logs/launcher.log", "logs/rank0.log", "logs/rank1.log"}
     # round 0's two-rank loss curve is the one-process curve with the same global batch
     one = midtrain(small_config(cfg.home, name="launched-one", midtrain={**TINY_ROUND["midtrain"], "objective": "ntp"}))
     (two_rank,) = [json.loads(p.read_text()) for p in (cfg.home / "runs" / "launched").glob("midtrain-*/metrics.json")

@@ -129,13 +129,13 @@ def test_two_rank_ddp_and_fsdp_midtraining_match_one_process_and_publish_the_ful
     AutoModelForCausalLM.from_pretrained(fsdp["checkpoint"], use_safetensors=True)  # a plain HF folder
     assert any("midtrain step 8/8" in line for line in lines)  # rank 0's progress reached the caller's log
     (job,) = (home / "launch" / "ddp" / "round-0").glob("midtrain-*")
-    assert {p.name for p in (job / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+    assert {p.name for p in (job / "logs").iterdir()} == {"launcher.log", "rank0.log", "rank1.log"}
     from flywheel.tracking.store import open_tracker
 
     tracker = open_tracker(ddp_cfg)
     (run,) = [r for r in tracker.stage_runs(0) if r.info.run_name == "midtrain"]
     logged = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "logs")}
-    assert logged == {"logs/rank0.log", "logs/rank1.log"}
+    assert logged == {"logs/launcher.log", "logs/rank0.log", "logs/rank1.log"}
 
 
 def test_a_failing_rank_fails_the_stage_with_its_exit_code_and_its_own_last_lines(small_world, tmp_path):
@@ -194,3 +194,92 @@ def test_a_cancelled_job_stops_every_rank_after_they_save_and_the_next_launch_re
     metrics = json.loads((Path(res["checkpoint"]).parent / "metrics.json").read_text())
     assert metrics["resumed_from"] == str(saved) and metrics["steps"] == 40
     assert not os.environ.get("FLYWHEEL_TEST_CPU_FSDP")
+
+
+def test_several_nodes_render_a_slurm_script_and_an_indexed_kubernetes_job_that_rendezvous(tmp_path):
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from flywheel.launch import render_jobs
+
+    cfg = small_config(tmp_path / "home", name="big", launch={"kind": "torchrun", "nproc_per_node": 8,
+                                                               "nnodes": 4, "rdzv_endpoint": "node0:29400"})
+    spec = cfg.launch.for_stage("midtrain")
+    files = render_jobs(cfg, spec, "midtrain", ["midtrain", "configs/olmo-1b.yaml"], tmp_path / "job", nodes=3)
+    script = files["slurm"].read_text()
+    bash = shutil.which("bash")
+    assert bash and subprocess.run([bash, "-n", str(files["slurm"])]).returncode == 0  # it parses as bash
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --gpus-per-node=8" in script
+    assert '--rdzv-endpoint="node0:29400"' in script and "--nnodes=4" in script  # joins the 4-node rendezvous
+    assert (tmp_path / "job" / "logs").is_dir()  # Slurm writes --output there but does not create it
+    service, job = yaml.safe_load_all(files["kubernetes"].read_text())
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == service["spec"]["selector"]["job-name"]
+    (container,) = pod["containers"]
+    assert container["command"][:3] == ["python", "-m", "torch.distributed.run"]
+    assert "--rdzv-endpoint=node0:29400" in container["command"] and container["command"][-2:] == [
+        "midtrain", "configs/olmo-1b.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert pod["terminationGracePeriodSeconds"] > spec.grace_seconds  # ranks save before the pod is killed
+    # without an endpoint, the pods meet at pod 0 of the job through its headless service
+    alone = cfg.launch.model_copy(update={"rdzv_endpoint": None, "nnodes": 1})
+    files = render_jobs(cfg, alone, "posttrain", ["posttrain", "c.yaml"], tmp_path / "job2")
+    _, job = yaml.safe_load_all(files["kubernetes"].read_text())
+    name = job["metadata"]["name"]
+    assert f"--rdzv-endpoint={name}-0.{name}:29400" in job["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_an_accelerate_launch_with_a_missing_config_file_is_one_sentence_before_anything_starts(tmp_path):
+    from flywheel.errors import FlywheelError
+    from flywheel.launch import run_stage
+
+    cfg = small_config(tmp_path / "home", launch={"kind": "accelerate", "config_file": "no/such/fsdp.yaml"})
+    with pytest.raises(FlywheelError, match=r"launch.config_file: no/such/fsdp.yaml is not a file"):
+        run_stage(cfg, "midtrain", {"config": {}, "plan": {"round": 0}}, cfg.launch.for_stage("midtrain"),
+                  tmp_path / "job")
+    assert not (tmp_path / "job").exists()  # nothing half-written
+
+
+LAUNCHER = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.conftest import small_config
+from tests.test_launch import _launch, _plan
+cfg = small_config({home!r}, name="orphaned", midtrain={midtrain!r}, launch={{"kind": "torchrun", "nproc_per_node": 2}})
+_launch(cfg, "midtrain", _plan(cfg), lines=[])
+"""
+
+
+def test_ranks_whose_launcher_is_killed_outright_save_and_exit_so_none_is_orphaned(small_world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    world_cfg, _ = small_world
+    budget = {**MIDTRAIN, "token_budget": 60 * 8 * 128, "batch_size": 4, "checkpoint_fraction": None,
+              "checkpoint_minutes": None, "checkpoint_every": 1000}
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER.format(repo=str(REPO), home=str(world_cfg.home), midtrain=budget))
+    launcher = subprocess.Popen([sys.executable, str(script)], cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jobs = world_cfg.home / "launch" / "orphaned" / "round-0"
+    deadline = time.monotonic() + 180
+    while not any("midtrain step" in p.read_text() for p in jobs.glob("midtrain-*/logs/rank0.log")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the job never reached its training steps"
+        time.sleep(0.3)
+    (job,) = jobs.glob("midtrain-*")
+    ranks = _stage_processes(str(job))
+    assert len(ranks) >= 3  # torchrun and two ranks, in a session of their own
+    os.kill(launcher.pid, signal.SIGKILL)  # the flow-run process dies with no chance to stop its job
+    launcher.wait(timeout=10)
+    t0 = time.monotonic()
+    while _stage_processes(str(job)):
+        assert time.monotonic() - t0 < 60, "ranks outlived their launcher by a minute"
+        time.sleep(0.5)
+    assert "stopped by SIGTERM" in (job / "logs" / "rank1.log").read_text()  # each rank saved before exiting
+    assert list((world_cfg.home / "runs" / "orphaned").glob("midtrain-*/checkpoints/checkpoint-*"))

@@ -32,6 +32,7 @@ from flywheel.data.io import (
     write_json,
     write_jsonl,
 )
+from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.launch import launch_kind
 from flywheel.models import load_model, load_tokenizer, model_identity, resolve_model
@@ -278,6 +279,8 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
     from accelerate import PartialState
 
     t0 = time.perf_counter()
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # as in midtrain: a launched posttrain job runs in a process of its own
     final = stage_dir / "model"
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # rank 0 verifies (and removes a bad folder) before the others look
