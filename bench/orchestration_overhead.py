@@ -125,6 +125,9 @@ def main() -> None:
     per_job = (la - f) / max(1.0, result["jobs_per_round"])
     print(f"launch overhead: {la - f:+.1f} s = {100 * result['launch_overhead_fraction']:+.1f}% of a round, "
           f"{result['jobs_per_round']:.0f} jobs, {per_job:.1f} s each (target <= 5%: {verdict})")
+    if per_job > 0:
+        print(f"each launched job costs ~{per_job:.0f} s of start-up (fresh interpreter, imports, loads): "
+              f"<= 5% of a stage that runs >= {per_job / 0.05 / 60:.0f} min")
     print(f"one-time Prefect start-up (ephemeral server): {startup:.1f} s; world ready in {world_s:.0f} s")
 
 

@@ -283,3 +283,19 @@ def test_ranks_whose_launcher_is_killed_outright_save_and_exit_so_none_is_orphan
         time.sleep(0.5)
     assert "stopped by SIGTERM" in (job / "logs" / "rank1.log").read_text()  # each rank saved before exiting
     assert list((world_cfg.home / "runs" / "orphaned").glob("midtrain-*/checkpoints/checkpoint-*"))
+
+
+def test_render_job_from_the_cli_writes_both_files_for_the_configs_nodes(tmp_path):
+    import yaml
+
+    from flywheel.cli import main
+
+    config = tmp_path / "big.yaml"
+    config.write_text(yaml.safe_dump({"name": "big", "home": str(tmp_path / "home"), "launch": {
+        "kind": "torchrun", "nproc_per_node": 4, "nnodes": 2, "rdzv_endpoint": "head:29400"}}))
+    assert main(["render-job", str(config), "--stage", "posttrain", "--args", "--checkpoint /ckpt",
+                 "--out", str(tmp_path / "out")]) == 0
+    script = (tmp_path / "out" / "posttrain.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and f"flywheel.cli posttrain {config} --checkpoint /ckpt" in script
+    assert main(["render-job", str(config), "--stage", "train", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
