@@ -424,7 +424,7 @@ def _short(value: Any) -> str:
 def _describe(err: dict[str, Any]) -> str:
     """One line for one pydantic error: `field.path: what is allowed (got value)`."""
     loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = ".".join(str(p) for p in loc if p != "[key]") or "(top level)"  # a bad dict key: its own path
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
     got = f" (got {_short(value)})"
     if kind == "extra_forbidden":
