@@ -326,6 +326,12 @@ def test_a_served_round_launched_with_torchrun_runs_two_ranks_and_a_cancel_leave
         first = run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=900,
                                poll_interval=2)
         assert first.state.is_completed(), (first.state, (tmp_path / "serve.log").read_text()[-3000:])
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        with get_client(sync_client=True) as client:  # rank 0's progress lines reached the Prefect run log
+            messages = [m.message for m in client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first.id])), limit=200)]
+        assert any(m.startswith("midtrain step 8/8 loss") for m in messages), messages[-20:]
         assert not list((launches / "round-0").glob("score_reference-*"))  # an NTP round has nothing to score
         assert not list((launches / "round-0").glob("evaluate-*"))  # lm-eval splits over CUDA ranks only
         for stage in ("midtrain", "posttrain"):
