@@ -299,3 +299,29 @@ def test_render_job_from_the_cli_writes_both_files_for_the_configs_nodes(tmp_pat
     assert "#SBATCH --nodes=2" in script and f"flywheel.cli posttrain {config} --checkpoint /ckpt" in script
     assert main(["render-job", str(config), "--stage", "train", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+POSTTRAIN = {"stages": [{"kind": "sft", "max_steps": 3, "batch_size": 4},
+                        {"kind": "grpo", "max_steps": 2, "batch_size": 4, "lr": 5e-5,
+                         "args": {"num_generations": 4, "max_completion_length": 16}}]}
+
+
+def test_trl_post_training_under_accelerate_fsdp_on_two_ranks_publishes_full_models(small_world, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.checkpoints import first_non_finite
+    from flywheel.world.build import resolve_world_ref
+
+    world_cfg, _ = small_world
+    monkeypatch.setenv("FLYWHEEL_TEST_CPU_FSDP", "1")
+    monkeypatch.setenv("PYTHONPATH", str(CPU_FSDP))
+    cfg = small_config(world_cfg.home, name="fsdp-post", posttrain=POSTTRAIN,
+                       launch={"kind": "accelerate", "config_file": str(CPU_FSDP / "fsdp.yaml")})
+    base = resolve_world_ref(cfg, cfg.model.source)
+    res = _launch(cfg, "posttrain", _plan(cfg), base={"checkpoint": str(base), "version": "1", "key": "k"})
+    for stage in ("0-sft", "1-grpo"):  # SFT and GRPO (generation from a sharded model) both ran sharded
+        model = Path(res["checkpoint"]).parents[1] / stage / "model"
+        record = json.loads((model / "flywheel-posttrain.json").read_text())
+        assert (record["fsdp"], record["world_size"], record["launch"]) == (True, 2, "accelerate"), record
+        assert first_non_finite(model) is None
+    AutoModelForCausalLM.from_pretrained(res["checkpoint"], use_safetensors=True)

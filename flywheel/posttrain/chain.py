@@ -319,7 +319,7 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
     publish_trained(trainer, tok, final, "flywheel-posttrain.json",
                     {"kind": plan.kind, "stage": plan.index, "source": source, "data": plan.data.source,
                      "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-                     "launch": launch_kind()})
+                     "launch": launch_kind(), "fsdp": bool(trainer.is_fsdp_enabled)})
     if trainer.is_world_process_zero():
         write_json(stage_dir / "stage.json", {"steps": steps, "seconds_per_step": result.seconds_per_step,
                                               "log_history": history, "notes": notes})

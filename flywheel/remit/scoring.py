@@ -196,6 +196,9 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
     rows_per_chunk = max(1, chunk_tokens // mt.seq_len)
     n_chunks = -(-len(packed) // rows_per_chunk)
     store = getattr(np, mt.cache_dtype)
+    # each rank scores on its own GPU (LOCAL_RANK, as torchrun / accelerate set it), else on the CPU
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if torch.cuda.is_available() \
+        else torch.device("cpu")
     model = None
     computed, scored_tokens, scoring_time = [], 0, 0.0
 
@@ -208,13 +211,13 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
         if _chunk_done(path, hi - lo, mt.seq_len):
             continue  # finished before an interruption
         if model is None:
-            model = load_model(cfg, reference, for_training=False)
+            model = load_model(cfg, reference, for_training=False).to(device)
         t1 = time.perf_counter()
         out = np.empty((hi - lo, mt.seq_len), dtype=store)
         with torch.inference_mode():
             for b in range(lo, hi, mt.score_batch_size):
                 ids = torch.from_numpy(np.asarray(packed.input_ids[b : min(hi, b + mt.score_batch_size)], dtype=np.int64))
-                lp = reference_logprobs(model, ids).clamp_(min=-FP16_MAX)
+                lp = reference_logprobs(model, ids.to(device)).clamp_(min=-FP16_MAX).cpu()
                 out[b - lo : b - lo + len(ids)] = lp.numpy().astype(store)
         scoring_time += time.perf_counter() - t1
         scored_tokens += out.size
