@@ -70,13 +70,15 @@ def _launch(cfg: FlywheelConfig, stage: str) -> LaunchSpec:
     return spec
 
 
-def _stage(config: dict[str, Any], stage: str, plan: dict[str, Any], here: Callable[[], dict[str, Any]],
-           label: str | None = None, **args: Any) -> dict[str, Any]:
+def _stage(config: dict[str, Any], stage: str, plan: dict[str, Any],
+           here: Callable[[FlywheelConfig], dict[str, Any]], label: str | None = None, **args: Any) -> dict[str, Any]:
     """Run a stage in this process (launch kind local) or as a launched job whose result is read back."""
     cfg = _cfg(config)
+    if stage == "score_reference" and not rounds.needs_scoring(cfg, plan):
+        return {"cache": None}  # nothing to score (an NTP round, online mode): no job to launch
     spec = _launch(cfg, stage)
     if spec.kind == "local":
-        return here()
+        return here(cfg)
     logger = get_run_logger()
     return launched(cfg, stage, {"config": config, "plan": plan, **args}, spec, logger.info, label=label)
 
@@ -88,27 +90,25 @@ def plan_round_task(config: dict[str, Any], round: int | None) -> dict[str, Any]
 
 @task(name="score-reference", **STAGE)
 def score_reference_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    if not rounds.needs_scoring(_cfg(config), plan):
-        return {"cache": None}  # nothing to score (an NTP round, online mode): no job to launch
-    return _stage(config, "score_reference", plan, lambda: rounds.stage_score_reference(_cfg(config), plan))
+    return _stage(config, "score_reference", plan, lambda cfg: rounds.stage_score_reference(cfg, plan))
 
 
 @task(name="midtrain", **STAGE)
 def midtrain_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
     return _stage(config, "midtrain", plan,
-                  lambda: rounds.stage_midtrain(_cfg(config), plan, callbacks=[LogProgress("midtrain")]))
+                  lambda cfg: rounds.stage_midtrain(cfg, plan, callbacks=[LogProgress("midtrain")]))
 
 
 @task(name="evaluate", **STAGE)
 def evaluate_task(config: dict[str, Any], plan: dict[str, Any], checkpoint: str, kind: str) -> dict[str, Any]:
-    return _stage(config, "evaluate", plan, lambda: rounds.stage_evaluate(_cfg(config), plan, checkpoint, kind),
+    return _stage(config, "evaluate", plan, lambda cfg: rounds.stage_evaluate(cfg, plan, checkpoint, kind),
                   label=f"evaluate-{kind}", checkpoint=checkpoint, kind=kind)
 
 
 @task(name="posttrain", **STAGE)
 def posttrain_task(config: dict[str, Any], plan: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return _stage(config, "posttrain", plan,
-                  lambda: rounds.stage_posttrain(_cfg(config), plan, base, callbacks=[LogProgress("posttrain")]),
+                  lambda cfg: rounds.stage_posttrain(cfg, plan, base, callbacks=[LogProgress("posttrain")]),
                   base=base)
 
 

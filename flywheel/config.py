@@ -312,8 +312,7 @@ class LaunchConfig(LaunchSpec):
     For example `launch: {kind: torchrun, nproc_per_node: 8, stages: {evaluate: {nproc_per_node: 1}}}`.
     """
 
-    stages: dict[Literal["score_reference", "midtrain", "posttrain", "evaluate"], dict[str, Any]] = Field(
-        default_factory=dict)
+    stages: dict[Literal[LAUNCH_STAGES], dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _stages_valid(self) -> LaunchConfig:

@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +43,6 @@ class StageFailed(RuntimeError):
 
     Not a FlywheelError, so the flow's task retries it like any transient failure (a lost node, a timeout).
     """
-
-
-@dataclass
-class StageJob:
-    """What a launched stage left: its result, its folder (input, result, logs) and how long it took."""
-
-    stage: str
-    folder: Path
-    result: dict[str, Any]
-    seconds: float
-    argv: list[str]
 
 
 def launch_kind() -> str:
@@ -150,8 +138,8 @@ class _Follow:
 
 
 def run_stage(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: LaunchSpec, folder: Path,
-              say: Callable[[str], None] = print) -> StageJob:
-    """Run `flywheel stage <stage>` as a job under `spec`, wait for it and return its result.
+              say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run `flywheel stage <stage>` as a job under `spec`, wait for it and return the result rank 0 wrote.
 
     `payload` is what the stage reads (`config`, `plan` and stage arguments). A non-zero exit raises
     `StageFailed` (or `Preempted` for a stage stopped by SIGTERM; `FlywheelError` for bad input, exit
@@ -212,7 +200,7 @@ def run_stage(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: La
     if not out.exists():
         raise StageFailed(f"{stage}: the job exited 0 but wrote no result ({out}); last lines of "
                           f"{logs / 'rank0.log'}:\n{_tail(logs / 'rank0.log')}")
-    return StageJob(stage, folder, json.loads(out.read_text()), seconds, argv)
+    return json.loads(out.read_text())
 
 
 def _shape(spec: LaunchSpec) -> str:
@@ -290,7 +278,7 @@ def launched(cfg: FlywheelConfig, stage: str, payload: dict[str, Any], spec: Lau
         say(f"{stage}: waiting for {spec.nnodes - 1} more node(s) at {spec.rdzv_endpoint}; start them with "
             f"`sbatch {files['slurm']}` or `kubectl apply -f {files['kubernetes']}` (the home must be shared)")
     try:
-        return run_stage(cfg, stage, payload, spec, folder, say=say).result
+        return run_stage(cfg, stage, payload, spec, folder, say=say)
     finally:
         try:
             keep_logs(cfg, round_n, stage, folder / "logs", since)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flywheel.config import FlywheelConfig
+from flywheel.config import LAUNCH_STAGES, FlywheelConfig
 from flywheel.data.io import distributed_rank, fingerprint
 from flywheel.errors import FlywheelError
 from flywheel.failpoints import failpoint
@@ -191,7 +191,7 @@ def run_named_stage(name: str, cfg: FlywheelConfig, payload: dict[str, Any],
         return stage_posttrain(cfg, p, payload["base"], callbacks=callbacks)
     if name == "evaluate":
         return stage_evaluate(cfg, p, payload["checkpoint"], payload["kind"])
-    raise FlywheelError(f"stage: unknown stage '{name}' (one of score_reference, midtrain, posttrain, evaluate)")
+    raise FlywheelError(f"stage: unknown stage '{name}' (one of {', '.join(LAUNCH_STAGES)})")
 
 
 def _plan(p: dict[str, Any]) -> RoundPlan:
