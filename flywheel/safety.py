@@ -252,7 +252,9 @@ class TrainingSafety:
         s.sigterm, s.preempted_at = False, None
         with sigterm_sets_flag(s):
             out = super().train(*args, **kwargs)
-        if s.sigterm:  # stopped for it, or it came after the last step's check: the process must still end
+        # stopped for it (here or on another rank: the stop is agreed, the signal may not have reached this rank
+        # yet), or it came after the last step's check: either way the process must end, not publish
+        if s.sigterm or s.preempted_at is not None:
             where = s.last_saved or "none (it came before the first step)"
             raise Preempted(f"{s.stage}: stopped by SIGTERM at step {self.state.global_step}; checkpoint saved at "
                             f"{where}; rerun the same command to resume")
