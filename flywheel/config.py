@@ -176,6 +176,8 @@ class MidtrainConfig(Section):
     kd_alpha: float = Field(0.5, ge=0, le=1)  # weight of the KL term; 1 - kd_alpha goes to CE
     kd_top_k: int | None = Field(None, ge=1)
     rho1_keep: float = Field(0.8, gt=0, le=1)
+    loss_kernel: Literal["auto", "chunked", "fused", "eager"] = "auto"  # flywheel/remit/kernels.py
+    loss_chunk_tokens: int = Field(2048, ge=1)  # tokens per output-layer chunk (chunked kernel, scoring)
 
     @field_validator("reference")
     @classmethod

@@ -120,6 +120,7 @@ def test_two_rank_ddp_and_fsdp_midtraining_match_one_process_and_publish_the_ful
         assert (record["world_size"], record["global_batch"]) == (2, 8), record
         assert record["launch"] == {"ddp": "torchrun", "fsdp": "accelerate"}[name]
         assert record["fsdp"] is (name == "fsdp")  # the FSDP run really sharded (and gathered to publish)
+        assert record["loss_kernel"] in ("chunked", "fused")  # the output layer in pieces, under DDP and FSDP
     full = load_file(str(one.checkpoint / "model.safetensors"))
     for res in (ddp, fsdp):
         got = load_file(str(Path(res["checkpoint"]) / "model.safetensors"))

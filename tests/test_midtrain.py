@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -343,22 +344,27 @@ def test_two_processes_and_one_process_with_the_same_global_batch_give_the_same_
     assert np.allclose(curves[1][:4], curves[2][:4], atol=1e-4), curves
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "smollm3"])
-def test_real_architecture_classes_midtrain_with_remit(small_world, tmp_path, arch):
-    """The OLMo-2 / SmolLM3 configs' code path, on tiny random models of those classes (no hub)."""
+REAL_VOCAB = {"olmo2": 100_352, "smollm3": 128_256, "llama": 128_256}  # OLMo-2 1B, SmolLM3-3B, Llama 3
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "smollm3", "llama"])
+def test_real_architecture_classes_midtrain_with_remit_at_their_real_vocabulary(small_world, tmp_path, arch):
+    """The real configs' code path, on tiny random models of those classes at their real vocabulary (no hub)."""
     from flywheel.world.model import tiny_random_model
 
     cfg, report = small_world
     tok = AutoTokenizer.from_pretrained(report.paths.tokenizer)
     base, ref = tmp_path / f"{arch}-base", tmp_path / f"{arch}-ref"
     for folder, seed in ((base, 0), (ref, 1)):
-        tiny_random_model(arch, tok, seed=seed).save_pretrained(folder)
+        tiny_random_model(arch, tok, seed=seed, hidden=32, vocab_size=REAL_VOCAB[arch]).save_pretrained(folder)
         tok.save_pretrained(folder)
     res = midtrain(small_config(cfg.home, model={"source": str(base)},
                                 midtrain={**MIDTRAIN, "reference": str(ref), "token_budget": 4096}))
     model = AutoModelForCausalLM.from_pretrained(res.checkpoint)
-    assert type(model).__name__ == {"olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}[arch]
-    assert res.metrics["steps"] == 4
+    name = {"olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
+    assert type(model).__name__ == name and model.config.vocab_size == REAL_VOCAB[arch]
+    assert res.metrics["steps"] == 4 and res.metrics["loss_kernel"] == "chunked"
+    assert all(math.isfinite(h["loss"]) for h in res.metrics["log_history"] if "loss" in h)
 
 
 def test_a_checkpoint_half_written_by_a_kill_is_skipped_and_removed(tmp_path):
@@ -373,3 +379,19 @@ def test_a_checkpoint_half_written_by_a_kill_is_skipped_and_removed(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert not (tmp_path / "checkpoint-15").exists()
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_demo_midtrain_gives_the_same_loss_curve_with_the_chunked_and_the_eager_loss_kernel(small_world,
+                                                                                             reference, tmp_path):
+    import yaml
+
+    cfg, _ = small_world
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["midtrain"]
+    demo.update(reference=reference, token_budget=32_768)  # the demo's anneal, 16 steps of it
+    curves = {}
+    for kernel in ("chunked", "eager"):
+        res = midtrain(small_config(cfg.home, midtrain={**demo, "loss_kernel": kernel}), run_dir=tmp_path / kernel)
+        assert res.metrics["loss_kernel"] == kernel
+        curves[kernel] = [h["loss"] for h in res.metrics["log_history"] if "loss" in h]
+    assert len(curves["eager"]) == 16
+    assert np.allclose(curves["chunked"], curves["eager"], rtol=0, atol=1e-4), curves

@@ -103,7 +103,8 @@ def training_arguments(cfg: FlywheelConfig, output_dir: Path | str, steps: int, 
 def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corpus_key: str) -> str:
     """The stage's cache key: its config section, the base and reference weights, the data, the seed."""
     section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "checkpoint_fraction",
-                                                             "checkpoint_minutes", "score_batch_size"})
+                                                             "checkpoint_minutes", "score_batch_size",
+                                                             "loss_kernel", "loss_chunk_tokens"})
     ref_id = model_identity(ref_path) if ref_path and cfg.midtrain.objective in NEEDS_REFERENCE else None
     return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
                        cfg.model.dtype, _world_size())
@@ -185,6 +186,8 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         kd_temperature=mt.kd_temperature,
         kd_alpha=mt.kd_alpha,
         kd_top_k=mt.kd_top_k,
+        loss_kernel=mt.loss_kernel,
+        loss_chunk_tokens=mt.loss_chunk_tokens,
         diagnostics=diagnostics,
         callbacks=callbacks,
         stage="midtrain",
@@ -204,7 +207,8 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         result.metrics = {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": history,
                           "objective": mt.objective, "base": base, "reference": reference,
                           "corpus": corpus.key, "resumed_from": resume, "world_size": _world_size(),
-                          "launch": launch_kind(), "global_batch": global_batch}
+                          "launch": launch_kind(), "global_batch": global_batch,
+                          "loss_kernel": trainer.loss_kernel}
         if diagnostics is not None:
             result.html = diagnostics.write_html(run_dir / "remit-weights.html",
                                                  f"{cfg.name}: {mt.objective} token weights", mt.epsilon)

@@ -3,6 +3,10 @@
 `logits[b, t]` predicts `targets[b, t]`; `mask` is True at valid target positions. Each objective returns the
 *sum* of its per-token loss over valid positions; the trainer divides by the number of valid target tokens of
 the (global) batch, so micro-batches and ranks add up to one mean.
+
+ntp, remit and rho1 are functions of the per-token log-probs alone (`*_on_logprobs`): the eager path gets
+them from the logits here, the chunked and fused loss kernels (flywheel/remit/kernels.py) from the hidden
+states without ever holding the (B, T, V) logits. So the formulas live here once, whichever kernel runs.
 """
 
 from __future__ import annotations
@@ -42,10 +46,32 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     return -nll.view(B, T)  # ignored positions come out as exactly 0
 
 
+def ntp_on_logprobs(logp: torch.Tensor) -> LossParts:
+    """NTP from log p_theta(target) WITH grad (0 at invalid positions)."""
+    return LossParts(loss_sum=-logp.sum(), token_logprobs=logp.detach(), weights=None, delta=None)
+
+
 def ntp(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> LossParts:
     """Plain next-token prediction: the baseline every other objective is compared with."""
-    logp = token_logprobs(logits, targets, mask)
-    return LossParts(loss_sum=-logp.sum(), token_logprobs=logp.detach(), weights=None, delta=None)
+    return ntp_on_logprobs(token_logprobs(logits, targets, mask))
+
+
+def remit_on_logprobs(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    epsilon: float | None = 0.2,
+    doc_ids: torch.Tensor | None = None,
+) -> LossParts:
+    """ReMiT from log p_theta(target) WITH grad: the weights come from its detached value (no grad)."""
+    cur = logp.detach()
+    w = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids)
+    return LossParts(
+        loss_sum=(w * -logp).sum(),
+        token_logprobs=cur,
+        weights=w,
+        delta=logprob_delta(ref_logprobs, cur, mask),
+    )
 
 
 def remit(
@@ -57,15 +83,34 @@ def remit(
     doc_ids: torch.Tensor | None = None,
 ) -> LossParts:
     """ReMiT: NLL re-weighted per token by how much more the reference expects it than the current model."""
-    logp = token_logprobs(logits, targets, mask)
+    return remit_on_logprobs(token_logprobs(logits, targets, mask), mask, ref_logprobs, epsilon, doc_ids)
+
+
+def rho1_weights(
+    cur_logprobs: torch.Tensor, mask: torch.Tensor, ref_logprobs: torch.Tensor, keep: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, excess): 1.0 at the `keep` fraction of valid tokens with the largest excess loss, and that excess.
+
+    The selection is over the whole micro-batch, so it needs every token's log-prob before any gradient.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    with torch.no_grad():
+        excess = logprob_delta(ref_logprobs, cur_logprobs, mask)  # NLL_cur - NLL_ref = ref - cur
+        n_valid = int(mask.sum())
+        k = math.ceil(keep * n_valid - 1e-9)  # the 1e-9 keeps float noise (0.07 * 100 = 7.000000000000001) out
+        scores = torch.where(mask, excess, -torch.inf).reshape(-1)
+        kept = torch.zeros_like(scores, dtype=torch.bool)
+        kept[scores.topk(k).indices] = True
+        return (kept.view_as(mask) & mask).float(), excess
+
+
+def rho1_on_logprobs(logp: torch.Tensor, mask: torch.Tensor, ref_logprobs: torch.Tensor, keep: float = 0.8
+                     ) -> LossParts:
+    """Rho-1 from log p_theta(target) WITH grad."""
     cur = logp.detach()
-    w = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids)
-    return LossParts(
-        loss_sum=(w * -logp).sum(),
-        token_logprobs=cur,
-        weights=w,
-        delta=logprob_delta(ref_logprobs, cur, mask),
-    )
+    w, excess = rho1_weights(cur, mask, ref_logprobs, keep)
+    return LossParts(loss_sum=(w * -logp).sum() / keep, token_logprobs=cur, weights=w, delta=excess)
 
 
 def rho1(
@@ -76,18 +121,17 @@ def rho1(
     keep: float = 0.8,
 ) -> LossParts:
     """Rho-1 selective LM: train only on the `keep` fraction of valid tokens with the largest excess loss."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    logp = token_logprobs(logits, targets, mask)
-    cur = logp.detach()
-    excess = logprob_delta(ref_logprobs, cur, mask)  # NLL_cur - NLL_ref = ref - cur
-    n_valid = int(mask.sum())
-    k = math.ceil(keep * n_valid - 1e-9)  # the 1e-9 keeps float noise (0.07 * 100 = 7.000000000000001) out
-    scores = torch.where(mask, excess, -torch.inf).reshape(-1)
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    kept[scores.topk(k).indices] = True
-    w = (kept.view_as(mask) & mask).float()
-    return LossParts(loss_sum=(w * -logp).sum() / keep, token_logprobs=cur, weights=w, delta=excess)
+    return rho1_on_logprobs(token_logprobs(logits, targets, mask), mask, ref_logprobs, keep)
+
+
+def check_kd_args(vocab: int, temperature: float, alpha: float, top_k: int | None) -> None:
+    """The KD settings' ranges, checked before any tensor work (also by the chunked kernel)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, {vocab}] (the vocabulary size) or None, got {top_k}")
 
 
 def kd(
@@ -100,13 +144,7 @@ def kd(
     top_k: int | None = None,
 ) -> LossParts:
     """Knowledge distillation: alpha * T^2 * KL(p_ref^T || p_theta^T) + (1 - alpha) * NLL per valid token."""
-    V = logits.shape[-1]
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if top_k is not None and not 1 <= top_k <= V:
-        raise ValueError(f"top_k must be in [1, {V}] (the vocabulary size) or None, got {top_k}")
+    check_kd_args(logits.shape[-1], temperature, alpha, top_k)
     logp = token_logprobs(logits, targets, mask)
     invalid = ~mask.unsqueeze(-1)
 

@@ -135,17 +135,18 @@ def open_cache(folder: Path, expected_key: str, rows: int, seq_len: int, verify:
     return ReferenceCache(folder, index, chunks)
 
 
-def reference_logprobs(model, input_ids):  # noqa: ANN001, ANN201 - torch is imported lazily
-    """log p(x_t | x_<t) for t >= 1 of each row, float32, with column 0 set to 0 (aligned to input_ids)."""
-    import torch
-    import torch.nn.functional as F
+def reference_logprobs(model, input_ids, kernel: str = "auto", chunk_tokens: int = 2048):  # noqa: ANN001, ANN201
+    """log p(x_t | x_<t) for t >= 1 of each row, float32, with column 0 set to 0 (aligned to input_ids).
 
-    logits = model(input_ids=input_ids).logits.float()  # (B, T, V), contiguous: viewed below, never copied
-    targets = torch.full_like(input_ids, -100)
-    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t+1; the last position predicts nothing
-    lp = -F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none")
-    del logits
-    return torch.cat([torch.zeros_like(lp[:1]).expand(len(input_ids), 1), lp.view(len(input_ids), -1)[:, :-1]], dim=1)
+    The output layer runs in chunks of `chunk_tokens` (flywheel/remit/kernels.py), so no (B, T, V) logits
+    exist; `kernel` "eager" (midtrain.loss_kernel) takes the model's full logits instead.
+    """
+    import torch
+
+    from flywheel.remit.kernels import token_logprobs_of
+
+    lp = token_logprobs_of(model, input_ids, "eager" if kernel == "eager" else "chunked", chunk_tokens)
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
 
 
 def cache_key(cfg: FlywheelConfig, ref_path: str, tok_id: str, corpus_key: str) -> str:
@@ -217,7 +218,8 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
         with torch.inference_mode():
             for b in range(lo, hi, mt.score_batch_size):
                 ids = torch.from_numpy(np.asarray(packed.input_ids[b : min(hi, b + mt.score_batch_size)], dtype=np.int64))
-                lp = reference_logprobs(model, ids.to(device)).clamp_(min=-FP16_MAX).cpu()
+                lp = reference_logprobs(model, ids.to(device), mt.loss_kernel, mt.loss_chunk_tokens)
+                lp = lp.clamp_(min=-FP16_MAX).cpu()
                 out[b - lo : b - lo + len(ids)] = lp.numpy().astype(store)
         scoring_time += time.perf_counter() - t1
         scored_tokens += out.size

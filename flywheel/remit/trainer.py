@@ -5,7 +5,8 @@ Trainer's; `TrainingSafety` (flywheel/safety.py) adds the NaN/inf guard, the che
 save-and-stop on SIGTERM, the same mixin the post-training stages use. The loss is the global mean over valid target tokens (the paper's Eq. 6): the
 Trainer counts the valid labels of every micro-batch in the optimizer step across devices
 (`num_items_in_batch`), we divide the weighted sum by that count, and scale by the number
-of processes because DDP averages gradients.
+of processes because DDP averages gradients. `loss_kernel` (flywheel/remit/kernels.py) decides
+whether the loss starts from the model's logits (eager) or from its last hidden states in chunks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from transformers import Trainer
 
 from flywheel.data.packing import Packed
-from flywheel.remit import objectives
+from flywheel.remit import kernels, objectives
 from flywheel.remit.diagnostics import Diagnostics
 from flywheel.remit.scoring import ReferenceCache, reference_logprobs
 from flywheel.safety import TrainingSafety
@@ -59,6 +60,8 @@ class ReMiTTrainer(TrainingSafety, Trainer):
         kd_temperature: float = 1.0,
         kd_alpha: float = 0.5,
         kd_top_k: int | None = None,
+        loss_kernel: str = "auto",
+        loss_chunk_tokens: int = 2048,
         diagnostics: Diagnostics | None = None,
         **kwargs: Any,
     ):
@@ -74,6 +77,8 @@ class ReMiTTrainer(TrainingSafety, Trainer):
             reference_model.eval().requires_grad_(False)
             reference_model.to(self.args.device)
         self.diagnostics = diagnostics
+        self.loss_kernel = kernels.resolve(loss_kernel, objective, self.model, reference_model)  # eager/chunked/fused
+        self.loss_chunk_tokens = loss_chunk_tokens
         # We divide by the valid-token count ourselves, so ask the Trainer to count labels for every step.
         self.model_accepts_loss_kwargs = True
 
@@ -84,29 +89,37 @@ class ReMiTTrainer(TrainingSafety, Trainer):
         if self.reference_model is None:
             raise RuntimeError("objective needs reference log-probs: pass a cache or a reference_model")
         with torch.no_grad():
-            return reference_logprobs(self.reference_model, inputs["input_ids"])
+            return reference_logprobs(self.reference_model, inputs["input_ids"], self.loss_kernel,
+                                      self.loss_chunk_tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         input_ids, labels = inputs["input_ids"], inputs["labels"]
-        out = model(input_ids=input_ids, attention_mask=inputs.get("attention_mask"))
-        logits, targets = out.logits[:, :-1], labels[:, 1:]
+        targets = labels[:, 1:]
         mask = targets != -100
         doc_ids = inputs["doc_ids"][:, 1:] if "doc_ids" in inputs else None
+        if self.loss_kernel == "eager":  # the (B, T, V) logits; the other kernels start from the hidden states
+            out = model(input_ids=input_ids, attention_mask=inputs.get("attention_mask"))
+            head = out.logits[:, :-1]
+        else:
+            out, states = kernels.forward_hidden(model, input_ids, inputs.get("attention_mask"))
+            head = kernels.hidden_of(self.accelerator.unwrap_model(model), states[:, :-1])
 
-        if self.objective == "ntp":
-            parts = objectives.ntp(logits, targets, mask)
-        elif self.objective == "remit":
-            ref = self._reference_logprobs(inputs)[:, 1:]
-            parts = objectives.remit(logits, targets, mask, ref, epsilon=self.epsilon, doc_ids=doc_ids)
-        elif self.objective == "rho1":
-            ref = self._reference_logprobs(inputs)[:, 1:]
-            parts = objectives.rho1(logits, targets, mask, ref, keep=self.rho1_keep)
-        else:  # kd needs the reference's whole distribution: online only (the config enforces it)
+        ref_logprobs = ref_head = None
+        if self.objective in ("remit", "rho1"):
+            ref_logprobs = self._reference_logprobs(inputs)[:, 1:]
+        elif self.objective == "kd":  # kd needs the reference's whole distribution: online only (config enforces)
             if self.reference_model is None:
                 raise RuntimeError("kd needs an online reference model")
             with torch.no_grad():
-                ref_logits = self.reference_model(input_ids=input_ids).logits[:, :-1]
-            parts = objectives.kd(logits, targets, mask, ref_logits, **self.kd)
+                if self.loss_kernel == "eager":
+                    ref_head = self.reference_model(input_ids=input_ids).logits[:, :-1]
+                else:
+                    _, ref_states = kernels.forward_hidden(self.reference_model, input_ids)
+                    ref_head = kernels.hidden_of(self.reference_model, ref_states[:, :-1])
+        parts = kernels.objective_parts(
+            self.loss_kernel, self.objective, head, targets, mask, ref_logprobs=ref_logprobs, ref_head=ref_head,
+            doc_ids=doc_ids, epsilon=self.epsilon, rho1_keep=self.rho1_keep, kd=self.kd,
+            chunk_tokens=self.loss_chunk_tokens)
 
         count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         loss = parts.loss_sum / count

@@ -43,13 +43,17 @@ def new_model(size: str, tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCau
 TINY_ARCHITECTURES = ("llama", "olmo2", "smollm3")
 
 
-def tiny_random_model(arch: str, tok: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A randomly initialised model of a real architecture class, sized for tests."""
+def tiny_random_model(arch: str, tok: PreTrainedTokenizerBase, seed: int = 0, hidden: int = 64, layers: int = 2,
+                      vocab_size: int | None = None):
+    """A randomly initialised model of a real architecture class, sized for tests.
+
+    `vocab_size` (default: the tokenizer's) lets a test use the real family's output layer, e.g. OLMo-2's 100,352.
+    """
     import torch
     from transformers import Olmo2Config, Olmo2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     common = dict(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
