@@ -41,8 +41,10 @@ bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# the study of docs/results.md (later variants are run by naming them: flywheel ablate --list-variants)
+RESULTS_VARIANTS := ntp,remit,kd,rho1,miniplm,remit_sft_ref,remit_weak_ref,remit_eps0.1,remit_eps0.2,remit_eps0.3,remit_noclip
 replicate: $(STAMP)
-	$(BIN)/flywheel ablate configs/demo.yaml --size full
+	$(BIN)/flywheel ablate configs/demo.yaml --size full --variants $(RESULTS_VARIANTS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,9 +24,9 @@ UNCACHED = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _no_re
 @task(name="ablation-plan")
 def plan_task(config: str, variants: list[str] | None, seeds: int | list[int] | None, size: str,
               reference: str | None, sft_reference: str | None, weak_reference: str | None,
-              threads: int | None) -> dict[str, Any]:
+              threads: int | None, dpo_reference: str | None = None) -> dict[str, Any]:
     return harness.prepare_ablation(load_config(config), variants, seeds, size, reference, sft_reference,
-                                    weak_reference, threads=threads)
+                                    weak_reference, threads=threads, dpo_reference=dpo_reference)
 
 
 @task(name="ablation-references", **UNCACHED)
@@ -59,6 +59,7 @@ def flywheel_ablation(
     sft_reference: str | None = None,
     weak_reference: str | None = None,
     threads: int | None = None,
+    dpo_reference: str | None = None,
 ) -> dict[str, Any]:
     """Mid-train every variant × seed from one base on the same data; evaluate along and after post-training.
 
@@ -67,7 +68,8 @@ def flywheel_ablation(
     """
     logger = get_run_logger()
     os.environ.setdefault("FLYWHEEL_HOME", str(load_config(config).home))
-    plan = plan_task(config, variants, seeds, size, reference, sft_reference, weak_reference, threads)
+    plan = plan_task(config, variants, seeds, size, reference, sft_reference, weak_reference, threads,
+                     dpo_reference)
     plan = references_task(plan)
     logger.info("ablation %s: %s × seeds %s; references %s", plan["study"], ", ".join(plan["variants"]),
                 plan["seeds"], plan["references"])

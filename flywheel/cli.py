@@ -415,18 +415,32 @@ def deploy(
 
 @app.command()
 def ablate(
-    config: ConfigArg,
-    variants: Annotated[str | None, typer.Option(help="Comma-separated: ntp, remit, kd, rho1, miniplm, remit_sft_ref, "
-                        "remit_weak_ref, remit_eps0.1, remit_eps0.2, remit_eps0.3, remit_noclip (default: all).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="A flywheel YAML config (see configs/).",
+                                                  show_default=False)] = None,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated variant names (default: all); "
+                        "`flywheel ablate --list-variants` lists them.")] = None,
+    list_variants: Annotated[bool, typer.Option("--list-variants", help="List every variant with one line "
+                             "of help, and exit.")] = False,
     seeds: Annotated[int | None, typer.Option(help="Seeds per variant (default 3; smoke 2).")] = None,
     size: Annotated[str, typer.Option(help="smoke | full (make replicate) | config (the config as written).")] = "config",
     smoke: Annotated[bool, typer.Option("--smoke", help="Same as --size smoke (minutes).")] = False,
     reference: Annotated[str | None, typer.Option(help="RL reference (default midtrain.reference, else made).")] = None,
     sft_reference: Annotated[str | None, typer.Option(help="SFT checkpoint for remit_sft_ref.")] = None,
     weak_reference: Annotated[str | None, typer.Option(help="Early RL checkpoint for remit_weak_ref.")] = None,
+    dpo_reference: Annotated[str | None, typer.Option(help="DPO-only checkpoint for remit_dpo_ref.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (smoke/full: 1).")] = None,
 ) -> None:
     """Ablation: every variant × seed from one base on the same data; tables with 95% CIs, tokens-to-NTP, KL, plot."""
+    if list_variants:
+        from flywheel.ablation.harness import VARIANTS
+
+        width = max(map(len, VARIANTS))
+        for name, v in VARIANTS.items():
+            typer.echo(f"{name:<{width}}  {v.about}")  # one line each, never wrapped
+        return
+    if config is None:
+        raise FlywheelError("CONFIG: flywheel ablate needs a config file (e.g. configs/demo.yaml), "
+                            "or --list-variants to see the variants")
     cfg = _load(config)
     _prefect_env(cfg)
     from flows.ablation import flywheel_ablation
@@ -434,7 +448,7 @@ def ablate(
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     report = flywheel_ablation(str(config), variants=names, seeds=seeds, size="smoke" if smoke else size,
                                reference=reference, sft_reference=sft_reference, weak_reference=weak_reference,
-                               threads=threads)
+                               threads=threads, dpo_reference=dpo_reference)
     console.print(report["markdown"], markup=False, highlight=False)
     console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
 

@@ -156,6 +156,8 @@ class MidtrainConfig(Section):
 
     objective: Literal["ntp", "remit", "kd", "rho1"] = "remit"
     epsilon: float | None = Field(0.2, gt=0, le=1)  # None: no clip (for the ablation)
+    centring: Literal["mean", "zscore"] = "mean"  # delta - mean (the paper's), or divided by its std too
+    mapping: Literal["sigmoid", "exp", "linear"] = "sigmoid"  # 2*sigmoid (the paper's), exp, 1 + x; same clip
     reference_mode: Literal["cached", "online"] = "cached"
     reference: str | None = None  # round 1's reference when the registry has none yet
     cache_dtype: Literal["float16", "float32"] = "float16"  # see remit/scoring.py for why not bfloat16
@@ -269,12 +271,29 @@ class TrackingConfig(Section):
     register_by_reference: bool = False
 
 
+class PromotionGuard(Section):
+    """A regression guard: a candidate that improves the main metric may not drop this one by more than max_drop."""
+
+    metric: str
+    max_drop: float = Field(0.0, ge=0)
+
+
 class PromotionConfig(Section):
     """The gate that decides whether a round's RL checkpoint becomes the next reference."""
 
     metric: str = "eval/avg"
     min_delta: float = Field(0.0, ge=0)
     force: bool = False
+    guards: list[PromotionGuard] = Field(default_factory=list)  # checked on point estimates, after the metric
+
+    @model_validator(mode="after")
+    def _guards_differ(self) -> PromotionConfig:
+        names = [g.metric for g in self.guards]
+        if self.metric in names:
+            raise ValueError(f"guards: '{self.metric}' is already the promotion metric; guard other metrics")
+        if len(set(names)) != len(names):
+            raise ValueError("guards: each metric may be guarded once")
+        return self
 
 
 LAUNCH_STAGES = ("score_reference", "midtrain", "posttrain", "evaluate")  # the stages a launcher can run
@@ -590,6 +609,8 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
     """The few facts a person checks first, as (label, value) rows."""
     mt = cfg.midtrain
     eps = "no clip" if mt.epsilon is None else f"ε={mt.epsilon}"
+    if mt.objective == "remit" and (mt.centring, mt.mapping) != ("mean", "sigmoid"):
+        eps += f", {mt.centring} centring, {mt.mapping} mapping"
     mix = ", ".join(f"{s.source}×{s.weight:g}" for s in cfg.data.sources)
     chain = " → ".join(s.kind for s in cfg.posttrain.stages)
     chain += "".join(f"; stage {i} rewards: {rewards_note(s)}" for i, s in enumerate(cfg.posttrain.stages)
@@ -602,7 +623,8 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
         ("data mix", mix),
         ("post-training", chain),
         ("evaluation", ", ".join(cfg.evaluation.tasks)),
-        ("promotion", f"{cfg.promotion.metric}, min_delta {cfg.promotion.min_delta:g}"),
+        ("promotion", f"{cfg.promotion.metric}, min_delta {cfg.promotion.min_delta:g}"
+                      + "".join(f"; guard {g.metric} max_drop {g.max_drop:g}" for g in cfg.promotion.guards)),
         ("tracking", cfg.tracking.uri or "embedded MLflow (SQLite under home)"),
         ("launch", _launch_summary(cfg.launch)),
     ]

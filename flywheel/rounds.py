@@ -114,11 +114,16 @@ def _resolved(tracker: Tracker, recorded: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_gate_metric(cfg: FlywheelConfig) -> None:
-    """`promotion.metric` must be a name the evaluation will report: checked before any work, not after it."""
+    """`promotion.metric` and every guard must be names the evaluation will report: checked before any work."""
+    _check_metric(cfg, cfg.promotion.metric, "promotion.metric")
+    for i, guard in enumerate(cfg.promotion.guards):
+        _check_metric(cfg, guard.metric, f"promotion.guards.{i}.metric")
+
+
+def _check_metric(cfg: FlywheelConfig, metric: str, field: str) -> None:
     from flywheel.evaluation.registry import BUNDLED, PRESETS, TASKS_DIR
     from flywheel.metrics import AVG, PREFIX, metric_key
 
-    metric = cfg.promotion.metric
     if metric == AVG:
         return
     tasks = [t for n in cfg.evaluation.tasks for t in ([t for t, _ in PRESETS[n]] if n in PRESETS else [n])]
@@ -130,7 +135,7 @@ def check_gate_metric(cfg: FlywheelConfig) -> None:
         elif task not in PRESETS and metric.startswith(metric_key(task, "")):
             return  # an lm-eval task whose metric names are known only after it runs
     if metric not in known:
-        raise FlywheelError(f"promotion.metric: '{metric}' is not a metric the evaluation reports (tasks "
+        raise FlywheelError(f"{field}: '{metric}' is not a metric the evaluation reports (tasks "
                             f"{', '.join(cfg.evaluation.tasks)}); use one of {', '.join(known)}"
                             + ("" if metric.startswith(PREFIX) else f" (names start with '{PREFIX}')"))
 

@@ -243,3 +243,34 @@ def test_the_prefect_flow_runs_one_retried_task_per_cell():
 
     assert flywheel_ablation.name == "flywheel-ablation"
     assert cell_task.retries == 2 and cell_task.name == "ablation-cell"
+
+
+# the paper's open questions as variants: centring, weight mapping, and the reference's source
+OPEN_QUESTIONS = ["ntp", "remit_zscore", "remit_exp", "remit_linear", "remit_dpo_ref"]
+
+
+def test_smoke_ablation_runs_the_centring_mapping_and_dpo_reference_variants(small_world):
+    import torch
+
+    from flywheel.ablation import run_ablation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study = run_ablation(small_world[0], variants=OPEN_QUESTIONS, seeds=1, size="smoke", echo=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert not study["failed"]
+    assert list(study["phases"]["post"]) == OPEN_QUESTIONS
+    plan = study["plan"]
+    assert "dpo" in plan["bootstrapped"] and plan["references"]["dpo"] not in (None, plan["references"]["rl"])
+    cells = {c["variant"]: c for c in study["cells"]}
+    assert cells["remit_dpo_ref"]["reference"] == plan["references"]["dpo"]
+    rules = {"remit_zscore": "2·sigmoid((δ − mean δ) / std δ)", "remit_exp": "exp(δ − mean δ)",
+             "remit_linear": "1 + (δ − mean δ)"}
+    weights = {}
+    for variant, rule in rules.items():
+        run_dir = Path(cells[variant]["midtrain_checkpoint"]).parent
+        assert rule in (run_dir / "remit-weights.html").read_text(), variant  # the weight page names the rule
+        weights[variant] = (Path(cells[variant]["midtrain_checkpoint"]) / "model.safetensors").read_bytes()
+    assert len(set(weights.values())) == 3  # each rule trained a different model

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from flywheel.remit.weights import remit_weights, weight_stats
+from flywheel.remit.weights import (
+    CENTRINGS,
+    MAPPINGS,
+    ZSCORE_STD_FLOOR,
+    describe,
+    remit_weights,
+    weight_stats,
+)
 
 
 def _inputs(B: int = 3, T: int = 16, spread: float = 1.0, seed: int = 0):
@@ -19,8 +26,11 @@ def _inputs(B: int = 3, T: int = 16, spread: float = 1.0, seed: int = 0):
     return ref, cur, mask
 
 
-def _loop_reference(ref, cur, mask, epsilon, doc_ids):
-    """The formula written the slow, obvious way: one (row, document) at a time."""
+MAP = {"sigmoid": lambda x: 2.0 / (1.0 + math.exp(-x)), "exp": math.exp, "linear": lambda x: 1.0 + x}
+
+
+def _loop_variant(ref, cur, mask, epsilon, doc_ids, centring, mapping):
+    """The formula (any centring and mapping) the slow, obvious way: one (row, document) at a time."""
     out = torch.zeros(ref.shape, dtype=torch.float64)
     for b in range(ref.shape[0]):
         for doc in doc_ids[b].unique().tolist():
@@ -29,9 +39,11 @@ def _loop_reference(ref, cur, mask, epsilon, doc_ids):
                 continue
             d = [float(ref[b, t]) - float(cur[b, t]) for t in idx]
             mean = sum(d) / len(d)
+            std = math.sqrt(sum((x - mean) ** 2 for x in d) / len(d))
             for t, dt in zip(idx, d, strict=True):
-                w = 2.0 / (1.0 + math.exp(-(dt - mean)))
-                out[b, t] = min(max(w, 1 - epsilon), 1 + epsilon)
+                x = dt - mean if centring == "mean" else (dt - mean) / max(std, ZSCORE_STD_FLOOR)
+                w = MAP[mapping](x)
+                out[b, t] = min(max(w, 1 - epsilon), 1 + epsilon) if epsilon is not None else max(w, 0.0)
     return out
 
 
@@ -175,6 +187,76 @@ def test_vectorised_matches_loop_reference_on_packed_rows():
     doc_ids = torch.cumsum(starts.long().view(-1), 0).view(B, T).to(torch.int32)
     assert len(doc_ids.unique()) > 40
     for epsilon in (0.2, 10.0):
-        want = _loop_reference(ref, cur, mask, epsilon, doc_ids)
+        want = _loop_variant(ref, cur, mask, epsilon, doc_ids, "mean", "sigmoid")
         got = remit_weights(ref, cur, mask, epsilon=epsilon, doc_ids=doc_ids)
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+
+
+# --- the paper's open questions as switches: centring (mean | zscore) x mapping (sigmoid | exp | linear) ---
+
+VARIANTS = [(c, m) for c in CENTRINGS for m in MAPPINGS]
+@pytest.mark.parametrize(("centring", "mapping"), VARIANTS)
+def test_every_variant_matches_the_loop_reference_on_packed_rows(centring, mapping):
+    g = torch.Generator().manual_seed(5)
+    ref, cur = -torch.rand(3, 40, generator=g) * 4, -torch.rand(3, 40, generator=g) * 4
+    mask = torch.rand(3, 40, generator=g) > 0.25
+    doc_ids = torch.cumsum((torch.rand(3, 40, generator=g) < 0.15).long().view(-1), 0).view(3, 40)
+    for epsilon in (0.2, None):
+        got = remit_weights(ref, cur, mask, epsilon, doc_ids, centring=centring, mapping=mapping)
+        torch.testing.assert_close(got.double(), _loop_variant(ref, cur, mask, epsilon, doc_ids, centring, mapping),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("centring", "mapping"), VARIANTS)
+def test_every_variant_gives_weight_one_where_the_models_agree_up_to_a_constant(centring, mapping):
+    ref, _, mask = _inputs()
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10] * 3)
+    cur = ref - torch.where(doc_ids == 0, 0.7, -1.3)  # delta constant within each document
+    for epsilon in (0.2, None):
+        w = remit_weights(ref, cur, mask, epsilon, doc_ids, centring=centring, mapping=mapping)
+        # float32 rounding of ref - cur (~1e-7), divided by z-score's std floor, is all that is left
+        torch.testing.assert_close(w[mask], torch.ones(int(mask.sum())), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("centring", "mapping"), VARIANTS)
+def test_every_variant_is_monotone_in_delta_and_inside_its_clip(centring, mapping):
+    g = torch.Generator().manual_seed(6)
+    delta = torch.randn(1, 64, generator=g) * 2
+    cur, mask = torch.full((1, 64), -3.0), torch.ones(1, 64, dtype=torch.bool)
+    for epsilon in (0.05, 0.2, 1.0, None):
+        w = remit_weights(cur + delta, cur, mask, epsilon, centring=centring, mapping=mapping)[0]
+        by_delta = w[delta[0].argsort()]
+        assert (by_delta[1:] >= by_delta[:-1] - 1e-7).all(), (epsilon, by_delta)
+        assert by_delta[-1] > by_delta[0]  # and it really moves
+        if epsilon is not None:
+            assert w.min() >= 1 - epsilon - 1e-6 and w.max() <= 1 + epsilon + 1e-6
+        else:
+            assert w.min() >= 0
+
+
+@pytest.mark.parametrize(("centring", "mapping"), VARIANTS)
+def test_every_variant_keeps_masked_positions_at_zero_even_when_ref_is_nan(centring, mapping):
+    ref, cur, mask = _inputs()
+    ref = ref.clone()
+    ref[~mask] = float("nan")
+    ref[0, ~mask[0]] = float("-inf")
+    w = remit_weights(ref, cur, mask, 0.2, centring=centring, mapping=mapping)
+    assert torch.isfinite(w).all() and (w[~mask] == 0).all() and (w[mask] > 0).all()
+
+
+def test_zscore_is_blind_to_the_scale_of_delta_and_mean_centring_is_not():
+    ref, cur, mask = _inputs(spread=3.0)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9] * 3)
+    scaled = cur + 4.0 * (ref - cur)  # every delta times 4
+    z = [remit_weights(r, cur, mask, None, doc_ids, centring="zscore") for r in (ref, scaled)]
+    torch.testing.assert_close(z[0], z[1], atol=1e-5, rtol=0)
+    m = [remit_weights(r, cur, mask, None, doc_ids) for r in (ref, scaled)]
+    assert not torch.allclose(m[0], m[1], atol=1e-3)
+
+
+def test_the_rule_is_named_for_logs_and_the_weight_page():
+    assert describe() == "clamp(2·sigmoid(δ − mean δ), 0.8, 1.2)"
+    assert describe(None, "zscore", "exp") == "exp((δ − mean δ) / std δ)"
+    assert describe(None, "mean", "linear") == "max(0, 1 + (δ − mean δ))"
+    with pytest.raises(ValueError, match="mapping must be one of"):
+        remit_weights(*_inputs(), mapping="tanh")

@@ -51,7 +51,7 @@ def checkpoints(small_world, tmp_path_factory):
     return out
 
 
-def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_version=None, key=None):
+def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_version=None, key=None, metrics=None):
     """What a round leaves in MLflow: a mid-trained base, an RL candidate, evaluation, promotion."""
     cfg = tracker.cfg
     key = key or f"r{round_n}"
@@ -68,7 +68,7 @@ def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_versio
                                    candidate=True)
     log_round_metrics(tracker, round_n, {"eval/avg": score, "eval/world_gsm/exact_match": score}, "post")
     with tracker.stage_run(round_n, "promote"):
-        decision = promote(tracker, rl_v, {"eval/avg": score}, round_run_id=tracker.round_run(round_n))
+        decision = promote(tracker, rl_v, metrics or {"eval/avg": score}, round_run_id=tracker.round_run(round_n))
     return base_v, rl_v, decision
 
 
@@ -126,6 +126,38 @@ def test_min_delta_tolerates_a_small_drop(tmp_path, checkpoints):
     simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
     _, _, decision = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.27)
     assert decision.promoted
+
+
+def test_a_guard_rejects_an_otherwise_better_candidate_and_the_decision_names_the_guard(tmp_path, checkpoints):
+    guard = {"metric": "eval/world_mc/acc", "max_drop": 0.02}
+    tracker = open_tracker(small_config(tmp_path / "h", name="fw", promotion={"guards": [guard]}))
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30,
+                   metrics={"eval/avg": 0.30, "eval/world_mc/acc": 0.50})
+    ref = str(tracker.client.get_model_version_by_alias("fw-rl", "reference").version)
+    # round 1 is better on the main metric but its guarded metric falls 0.05 > 0.02
+    _, worse, decision = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.40,
+                                        metrics={"eval/avg": 0.40, "eval/world_mc/acc": 0.45})
+    assert not decision.promoted
+    assert "guard eval/world_mc/acc dropped 0.0500" in decision.reason and "max_drop 0.02" in decision.reason
+    assert str(tracker.client.get_model_version_by_alias("fw-rl", "reference").version) == ref
+    assert tracker.client.get_model_version("fw-rl", worse.version).tags[T_PROMOTION].startswith(
+        "rejected: eval/avg 0.4000 passed, but guard eval/world_mc/acc")
+    # round 2: the same gain with the guarded metric inside its max_drop is promoted
+    _, _, decision = simulate_round(tracker, 2, checkpoints[4], checkpoints[5], 0.40,
+                                    metrics={"eval/avg": 0.40, "eval/world_mc/acc": 0.49})
+    assert decision.promoted and "guard eval/world_mc/acc held" in decision.reason
+
+
+def test_guards_are_checked_against_the_evaluation_before_any_work(tmp_path):
+    from flywheel.rounds import check_gate_metric
+
+    ok = small_config(tmp_path, promotion={"guards": [{"metric": "eval/world_mc/acc", "max_drop": 0.01}]})
+    check_gate_metric(ok)
+    bad = small_config(tmp_path, promotion={"guards": [{"metric": "eval/world_mc/accuracy"}]})
+    with pytest.raises(FlywheelError, match=r"^promotion.guards.0.metric: 'eval/world_mc/accuracy' is not a metric"):
+        check_gate_metric(bad)
+    with pytest.raises(FlywheelError, match="already the promotion metric"):
+        small_config(tmp_path, promotion={"guards": [{"metric": "eval/avg"}]})
 
 
 def test_unknown_promotion_metric_is_a_clear_error(tracker, checkpoints):

@@ -48,7 +48,7 @@ class Variant:
     """One row of the tables: an objective, which reference guides it, and any other mid-training change."""
 
     objective: str
-    reference: str | None = "rl"  # rl | sft | weak; None: unguided
+    reference: str | None = "rl"  # rl | sft | weak | dpo; None: unguided
     midtrain: dict[str, Any] = field(default_factory=dict)
     miniplm: bool = False
     about: str = ""
@@ -68,6 +68,12 @@ VARIANTS: dict[str, Variant] = {
     "remit_eps0.2": Variant("remit", midtrain={"epsilon": 0.2}, about="ReMiT, clip epsilon 0.2"),
     "remit_eps0.3": Variant("remit", midtrain={"epsilon": 0.3}, about="ReMiT, clip epsilon 0.3"),
     "remit_noclip": Variant("remit", midtrain={"epsilon": None}, about="ReMiT without the clip"),
+    "remit_zscore": Variant("remit", midtrain={"centring": "zscore"},
+                            about="ReMiT, delta centred and divided by its per-sequence std (z-score)"),
+    "remit_exp": Variant("remit", midtrain={"mapping": "exp"}, about="ReMiT, weight exp(centred delta), same clip"),
+    "remit_linear": Variant("remit", midtrain={"mapping": "linear"},
+                            about="ReMiT, weight 1 + centred delta, same clip"),
+    "remit_dpo_ref": Variant("remit", "dpo", about="ReMiT guided by a DPO-only post-training of the NTP anneal"),
 }
 
 # Sizes: overrides applied to the config. `config` runs the config as written (your own data and budgets).
@@ -151,7 +157,7 @@ def prepare_ablation(cfg: FlywheelConfig, variants: list[str] | None = None,
                      reference: str | None = None, sft_reference: str | None = None,
                      weak_reference: str | None = None, fractions: tuple[float, ...] | None = None,
                      heldout: str | None = None, heldout_limit: int | None = None,
-                     threads: int | None = None) -> dict[str, Any]:
+                     threads: int | None = None, dpo_reference: str | None = None) -> dict[str, Any]:
     """Check the request and fix all a cell needs as a JSON-able plan; builds the tiny world if used."""
     if size not in SIZES:
         raise FlywheelError(f"ablation size: must be one of {', '.join(SIZES)} (got {size!r})")
@@ -179,7 +185,8 @@ def prepare_ablation(cfg: FlywheelConfig, variants: list[str] | None = None,
     sized = _sized(cfg, size)
     from flywheel.models import resolve_model
 
-    refs = {"rl": reference or sized.midtrain.reference, "sft": sft_reference, "weak": weak_reference}
+    refs = {"rl": reference or sized.midtrain.reference, "sft": sft_reference, "weak": weak_reference,
+            "dpo": dpo_reference}
     refs = {role: resolve_model(sized, _world_to_path(sized, r)) if r else None for role, r in refs.items()}
     return {
         "version": ABLATION_VERSION, "name": cfg.name, "size": size, "variants": variants, "seeds": seed_list,
@@ -221,7 +228,9 @@ def _bootstrap(plan: dict[str, Any], roles: set[str]) -> dict[str, str]:
     """Missing references made the way round 0 makes one: NTP anneal → the config's post-training chain.
 
     rl: the chain's last output; sft: the output of the last SFT stage before the final stage;
-    weak: the final stage re-run from its own input with a quarter of its steps (an early RL checkpoint).
+    weak: the final stage re-run from its own input with a quarter of its steps (an early RL checkpoint);
+    dpo: the anneal post-trained by DPO alone (the chain's DPO stage, else a DPO stage of the chain's
+    longest stage's steps on the default preference data), an RL reference from another source.
     The anneal is the `ntp` cell of the first seed (its own run, reused by that cell), as in round 0.
     """
     from flywheel.posttrain import posttrain
@@ -242,7 +251,30 @@ def _bootstrap(plan: dict[str, Any], roles: set[str]) -> dict[str, str]:
         early = cfg.model_copy(update={"posttrain": cfg.posttrain.model_copy(update={"stages": [last]})})
         start = chain.stages[-2].checkpoint if len(chain.stages) > 1 else mid.checkpoint
         out["weak"] = str(posttrain(early, start).checkpoint)
+    if "dpo" in roles:
+        out["dpo"] = str(posttrain(_dpo_only(plan, cfg), mid.checkpoint).checkpoint)
     return out
+
+
+def _dpo_only(plan: dict[str, Any], cfg: FlywheelConfig) -> FlywheelConfig:
+    """The cell config with a post-training chain of one DPO stage (for remit_dpo_ref's reference)."""
+    stages = plan["config"]["posttrain"]["stages"]
+    dpo = [s for s in stages if s["kind"] == "dpo"]
+    try:  # the tiny world's preference pairs, resolved with the plan's own seed
+        world_pairs = _world_to_path(validate_config(plan["config"]), "world:dpo")
+    except FlywheelError:
+        world_pairs = None  # no world built: the study runs on the user's own data
+    if dpo:
+        stage = dpo[0]
+    elif world_pairs:
+        stage = {"kind": "dpo", "data": world_pairs, "max_steps": max(s["max_steps"] for s in stages),
+                 "batch_size": min(s["batch_size"] for s in stages)}
+    else:
+        raise FlywheelError("remit_dpo_ref: the post-training chain has no DPO stage to take preference data "
+                            "from; add a dpo stage to posttrain.stages or pass dpo_reference")
+    data = cfg.model_dump(mode="json")
+    data["posttrain"]["stages"] = [stage]
+    return validate_config(data, "ablation's DPO-only reference chain")
 
 
 def resolve_references(plan: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +307,7 @@ def _reference_notes(plan: dict[str, Any], idents: dict[str, str | None]) -> lis
     if plan["bootstrapped"]:
         notes.append(f"bootstrapped references ({', '.join(plan['bootstrapped'])}): the ntp cell of seed "
                      f"{plan['seeds'][0]} post-trained with the same chain, as a flywheel's round 0 does")
-    roles = [r for r in ("rl", "sft", "weak") if idents.get(r)]
+    roles = [r for r in ("rl", "sft", "weak", "dpo") if idents.get(r)]
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:
             if idents[a] == idents[b]:
@@ -565,11 +597,11 @@ def run_ablation(cfg: FlywheelConfig, variants: list[str] | None = None, seeds: 
                  size: str = "config", reference: str | None = None, sft_reference: str | None = None,
                  weak_reference: str | None = None, fractions: tuple[float, ...] | None = None,
                  heldout: str | None = None, heldout_limit: int | None = None, threads: int | None = None,
-                 echo: bool = True) -> dict[str, Any]:
+                 echo: bool = True, dpo_reference: str | None = None) -> dict[str, Any]:
     """The whole study without Prefect: every (variant, seed) cell in turn; a crash costs that cell only."""
     t0 = time.perf_counter()
     plan = prepare_ablation(cfg, variants, seeds, size, reference, sft_reference, weak_reference, fractions,
-                            heldout, heldout_limit, threads)
+                            heldout, heldout_limit, threads, dpo_reference=dpo_reference)
     plan = resolve_references(plan)
     base = evaluate_base(plan)
     cells = []

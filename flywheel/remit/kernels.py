@@ -223,6 +223,8 @@ def objective_parts(
     ref_head: torch.Tensor | Hidden | None = None,
     doc_ids: torch.Tensor | None = None,
     epsilon: float | None = 0.2,
+    centring: str = "mean",
+    mapping: str = "sigmoid",
     rho1_keep: float = 0.8,
     kd: dict | None = None,
     chunk_tokens: int = 2048,
@@ -239,7 +241,7 @@ def objective_parts(
             return objectives.ntp(z, t, m)
         if objective == "remit":
             docs = None if doc_ids is None else doc_ids[rows, cols]
-            return objectives.remit(z, t, m, ref_logprobs[rows, cols], epsilon=epsilon, doc_ids=docs)
+            return objectives.remit(z, t, m, ref_logprobs[rows, cols], epsilon, docs, centring, mapping)
         if objective == "rho1":  # eager only: chunked rho1 selects over the whole batch below
             return objectives.rho1(z, t, m, ref_logprobs, keep=rho1_keep)
         with torch.no_grad():
@@ -255,7 +257,7 @@ def objective_parts(
         if objective == "ntp":
             return objectives.ntp_on_logprobs(logp)
         if objective == "remit":
-            return objectives.remit_on_logprobs(logp, mask, ref_logprobs, epsilon, doc_ids)
+            return objectives.remit_on_logprobs(logp, mask, ref_logprobs, epsilon, doc_ids, centring, mapping)
         return objectives.rho1_on_logprobs(logp, mask, ref_logprobs, rho1_keep)
     if objective == "kd":
         objectives.check_kd_args(head.weight.shape[0], kd.get("temperature", 1.0), kd.get("alpha", 0.5),

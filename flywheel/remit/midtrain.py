@@ -41,6 +41,7 @@ log = logging.getLogger("flywheel.midtrain")
 
 MIDTRAIN_VERSION = 1
 NEEDS_REFERENCE = ("remit", "kd", "rho1")
+LATER_FIELDS = {"centring": "mean", "mapping": "sigmoid"}  # midtrain fields added after MIDTRAIN_VERSION 1
 
 
 @dataclass
@@ -105,6 +106,9 @@ def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corp
     section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "checkpoint_fraction",
                                                              "checkpoint_minutes", "score_batch_size",
                                                              "loss_kernel", "loss_chunk_tokens"})
+    for name, default in LATER_FIELDS.items():  # in the key only when set, so older anneals stay reusable
+        if section.get(name) == default:
+            section.pop(name)
     ref_id = model_identity(ref_path) if ref_path and cfg.midtrain.objective in NEEDS_REFERENCE else None
     return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
                        cfg.model.dtype, _world_size())
@@ -124,6 +128,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     from flywheel.remit.diagnostics import Diagnostics
     from flywheel.remit.scoring import score_reference
     from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
+    from flywheel.remit.weights import describe
 
     t0 = time.perf_counter()
     if not torch.cuda.is_available():
@@ -181,6 +186,8 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         processing_class=tok,
         objective=mt.objective,
         epsilon=mt.epsilon,
+        centring=mt.centring,
+        mapping=mt.mapping,
         reference_model=reference_model,
         rho1_keep=mt.rho1_keep,
         kd_temperature=mt.kd_temperature,
@@ -210,8 +217,10 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
                           "launch": launch_kind(), "global_batch": global_batch,
                           "loss_kernel": trainer.loss_kernel}
         if diagnostics is not None:
+            rule = describe(mt.epsilon, mt.centring, mt.mapping) if mt.objective == "remit" else "rho1 selection"
+            result.metrics["weight_rule"] = rule
             result.html = diagnostics.write_html(run_dir / "remit-weights.html",
-                                                 f"{cfg.name}: {mt.objective} token weights", mt.epsilon)
+                                                 f"{cfg.name}: {mt.objective} token weights, {rule}", mt.epsilon)
     record = {k: v for k, v in result.metrics.items() if k != "log_history"} | {
         "key": key, "fsdp": bool(trainer.is_fsdp_enabled)}
     publish_trained(trainer, tok, final, "flywheel-midtrain.json", record)  # every rank: FSDP gathers here

@@ -62,10 +62,12 @@ def remit_on_logprobs(
     ref_logprobs: torch.Tensor,
     epsilon: float | None = 0.2,
     doc_ids: torch.Tensor | None = None,
+    centring: str = "mean",
+    mapping: str = "sigmoid",
 ) -> LossParts:
     """ReMiT from log p_theta(target) WITH grad: the weights come from its detached value (no grad)."""
     cur = logp.detach()
-    w = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids)
+    w = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids, centring=centring, mapping=mapping)
     return LossParts(
         loss_sum=(w * -logp).sum(),
         token_logprobs=cur,
@@ -81,9 +83,12 @@ def remit(
     ref_logprobs: torch.Tensor,
     epsilon: float | None = 0.2,
     doc_ids: torch.Tensor | None = None,
+    centring: str = "mean",
+    mapping: str = "sigmoid",
 ) -> LossParts:
     """ReMiT: NLL re-weighted per token by how much more the reference expects it than the current model."""
-    return remit_on_logprobs(token_logprobs(logits, targets, mask), mask, ref_logprobs, epsilon, doc_ids)
+    return remit_on_logprobs(token_logprobs(logits, targets, mask), mask, ref_logprobs, epsilon, doc_ids,
+                             centring, mapping)
 
 
 def rho1_weights(

@@ -55,6 +55,8 @@ class ReMiTTrainer(TrainingSafety, Trainer):
         *args: Any,
         objective: str = "remit",
         epsilon: float | None = 0.2,
+        centring: str = "mean",
+        mapping: str = "sigmoid",
         reference_model: torch.nn.Module | None = None,
         rho1_keep: float = 0.8,
         kd_temperature: float = 1.0,
@@ -70,6 +72,7 @@ class ReMiTTrainer(TrainingSafety, Trainer):
             raise ValueError(f"objective must be one of {objectives.OBJECTIVES}")
         self.objective = objective
         self.epsilon = epsilon
+        self.centring, self.mapping = centring, mapping
         self.rho1_keep = rho1_keep
         self.kd = {"temperature": kd_temperature, "alpha": kd_alpha, "top_k": kd_top_k}
         self.reference_model = reference_model
@@ -118,7 +121,7 @@ class ReMiTTrainer(TrainingSafety, Trainer):
                     ref_head = kernels.hidden_of(self.reference_model, ref_states[:, :-1])
         parts = kernels.objective_parts(
             self.loss_kernel, self.objective, head, targets, mask, ref_logprobs=ref_logprobs, ref_head=ref_head,
-            doc_ids=doc_ids, epsilon=self.epsilon, rho1_keep=self.rho1_keep, kd=self.kd,
+            doc_ids=doc_ids, epsilon=self.epsilon, centring=self.centring, mapping=self.mapping, rho1_keep=self.rho1_keep, kd=self.kd,
             chunk_tokens=self.loss_chunk_tokens)
 
         count = num_items_in_batch if num_items_in_batch is not None else mask.sum()

@@ -192,7 +192,7 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
         if recorded is None or (force and not recorded.startswith("promoted")):  # force re-decides a rejection
             for k, v in metrics.items():
                 client.set_model_version_tag(model, str(candidate.version), T_METRIC_PREFIX + k, str(v))
-            decision = _decide(tracker, candidate, value, force)
+            decision = _decide(tracker, candidate, value, force, metrics)
             verdict = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
             client.set_model_version_tag(model, str(candidate.version), T_PREVIOUS, decision.previous_version or "")
             client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, verdict)
@@ -217,8 +217,13 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
     return decision
 
 
-def _decide(tracker: Tracker, candidate: Any, value: float, force: bool) -> PromotionDecision:
-    """The gate itself: non-finite weights never pass; otherwise compare with the current reference."""
+def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
+            metrics: dict[str, float] | None = None) -> PromotionDecision:
+    """The gate itself: non-finite weights never pass; otherwise compare with the current reference.
+
+    A candidate that passes the main metric is still rejected when a `promotion.guards` metric falls
+    more than its max_drop below the reference's (point estimates), and the reason names that guard.
+    """
     from flywheel.checkpoints import first_non_finite
 
     cfg = tracker.cfg
@@ -238,12 +243,33 @@ def _decide(tracker: Tracker, candidate: Any, value: float, force: bool) -> Prom
         return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
                                  f"forced (promotion.force); {metric} {value:.4f} vs {prev_value}")
     if prev_value is None or value >= prev_value - cfg.promotion.min_delta:
+        for guard in cfg.promotion.guards:
+            failed = _guard_problem(guard, metrics or {}, current, prev)
+            if failed:
+                return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
+                                         f"{metric} {value:.4f} passed, but {failed}; kept v{prev}")
+        guarded = "".join(f"; guard {g.metric} held" for g in cfg.promotion.guards)
         return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
                                  f"{metric} {value:.4f} >= reference v{prev} {prev_value} - "
-                                 f"min_delta {cfg.promotion.min_delta:g}")
+                                 f"min_delta {cfg.promotion.min_delta:g}{guarded}")
     return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
                              f"{metric} {value:.4f} < reference v{prev} {prev_value:.4f} - "
                              f"min_delta {cfg.promotion.min_delta:g}; kept v{prev}")
+
+
+def _guard_problem(guard: Any, metrics: dict[str, float], current: Any, prev: str | None) -> str | None:
+    """Why `guard` rejects the candidate (its metric dropped by more than max_drop, or cannot be compared)."""
+    if guard.metric not in metrics:
+        return f"guard {guard.metric} is not among the candidate's metrics (promotion.guards)"
+    ref_value = version_metric(current, guard.metric)
+    if ref_value is None:
+        return (f"guard {guard.metric} has no value on reference v{prev} to compare with (promotion.guards; "
+                "promotion.force overrides)")
+    drop = ref_value - float(metrics[guard.metric])
+    if drop > guard.max_drop:
+        return (f"guard {guard.metric} dropped {drop:.4f} ({float(metrics[guard.metric]):.4f} vs {ref_value:.4f}) "
+                f"> max_drop {guard.max_drop:g}")
+    return None
 
 
 # --- reading the state -------------------------------------------------------------------------
