@@ -172,3 +172,16 @@ def test_fused_without_cuda_is_one_sentence_that_names_the_field_and_the_way_out
         kernels.resolve("fused", "remit", model)
     assert kernels.resolve("auto", "remit", model) == "chunked"
     assert kernels.resolve("fused", "kd", model) == "chunked"  # kd has no fused path
+
+
+def test_midtrain_refuses_fused_on_a_machine_without_it_before_any_work(tmp_path, monkeypatch):
+    from flywheel.remit.midtrain import midtrain
+
+    from .conftest import small_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI and laptops
+    home = tmp_path / "home"
+    cfg = small_config(home, midtrain={"objective": "ntp", "loss_kernel": "fused"})
+    with pytest.raises(FlywheelError, match=r"^midtrain.loss_kernel: fused needs .*no CUDA device is visible"):
+        midtrain(cfg)
+    assert not (home / "cache").exists() and not (home / "runs").exists()  # no mixture, no scoring, no run folder

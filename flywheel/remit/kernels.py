@@ -95,12 +95,17 @@ def resolve(requested: str, objective: str, model: torch.nn.Module,
     if why:
         raise FlywheelError(f"midtrain.loss_kernel: {requested} cannot compute this model's logits in pieces: "
                             f"{why}; set loss_kernel: eager (or auto, which picks it)")
+    check_machine(requested, objective)
+    return "chunked" if requested == "fused" else requested  # kd has no fused path
+
+
+def check_machine(requested: str, objective: str) -> None:
+    """Refuse `fused` where it cannot run (no CUDA, no liger-kernel >= 0.8.2): before any work, no model needed."""
     if requested == "fused" and objective != "kd":
         problem = "no CUDA device is visible" if not torch.cuda.is_available() else _liger_problem()
         if problem:
             raise FlywheelError(f"midtrain.loss_kernel: fused needs Liger-Kernel's CUDA kernel, but {problem}; "
                                 "set loss_kernel: chunked (or auto)")
-    return "chunked" if requested == "fused" else requested  # kd has no fused path
 
 
 def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
