@@ -260,18 +260,16 @@ def _dpo_only(plan: dict[str, Any], cfg: FlywheelConfig) -> FlywheelConfig:
     """The cell config with a post-training chain of one DPO stage (for remit_dpo_ref's reference)."""
     stages = plan["config"]["posttrain"]["stages"]
     dpo = [s for s in stages if s["kind"] == "dpo"]
-    try:  # the tiny world's preference pairs, resolved with the plan's own seed
-        world_pairs = _world_to_path(validate_config(plan["config"]), "world:dpo")
-    except FlywheelError:
-        world_pairs = None  # no world built: the study runs on the user's own data
     if dpo:
         stage = dpo[0]
-    elif world_pairs:
-        stage = {"kind": "dpo", "data": world_pairs, "max_steps": max(s["max_steps"] for s in stages),
-                 "batch_size": min(s["batch_size"] for s in stages)}
     else:
-        raise FlywheelError("remit_dpo_ref: the post-training chain has no DPO stage to take preference data "
-                            "from; add a dpo stage to posttrain.stages or pass dpo_reference")
+        try:  # the tiny world's preference pairs, resolved with the plan's own seed
+            pairs = _world_to_path(validate_config(plan["config"]), "world:dpo")
+        except FlywheelError:  # no world built: the study runs on the user's own data
+            raise FlywheelError("remit_dpo_ref: the post-training chain has no DPO stage to take preference data "
+                                "from; add a dpo stage to posttrain.stages or pass dpo_reference") from None
+        stage = {"kind": "dpo", "data": pairs, "max_steps": max(s["max_steps"] for s in stages),
+                 "batch_size": min(s["batch_size"] for s in stages)}
     data = cfg.model_dump(mode="json")
     data["posttrain"]["stages"] = [stage]
     return validate_config(data, "ablation's DPO-only reference chain")

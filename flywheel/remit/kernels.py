@@ -289,7 +289,8 @@ def token_logprobs_of(model: torch.nn.Module, input_ids: torch.Tensor, kernel: s
                       chunk_tokens: int = 2048) -> torch.Tensor:
     """log p(x_t | x_<t) for t >= 1 of each row (float32), aligned to targets input_ids[:, 1:]; no grad.
 
-    What reference scoring needs: chunked unless the model's logits cannot be (or `kernel` is eager).
+    What reference scoring needs: chunked for every kernel but eager (no gradient here, so fused buys nothing),
+    and eager where the model's logits cannot be chunked.
     """
     targets = input_ids[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool)

@@ -126,6 +126,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     from transformers import default_data_collator
 
     from flywheel.remit.diagnostics import Diagnostics
+    from flywheel.remit.kernels import check_machine
     from flywheel.remit.scoring import score_reference
     from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
     from flywheel.remit.weights import describe
@@ -141,8 +142,6 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
             f"midtrain.reference: objective '{mt.objective}' needs a reference model; set midtrain.reference "
             "(a local folder or hub id), or run a flywheel round so the registry supplies it"
         )
-    from flywheel.remit.kernels import check_machine
-
     check_machine(mt.loss_kernel, mt.objective)  # a fused kernel this machine cannot run: before any scoring
     base_path = resolve_model(cfg, base)
     from flywheel.models import check_midtrain_models

@@ -145,7 +145,7 @@ def reference_logprobs(model, input_ids, kernel: str = "auto", chunk_tokens: int
 
     from flywheel.remit.kernels import token_logprobs_of
 
-    lp = token_logprobs_of(model, input_ids, "eager" if kernel == "eager" else "chunked", chunk_tokens)
+    lp = token_logprobs_of(model, input_ids, kernel, chunk_tokens)
     return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
 
 
