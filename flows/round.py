@@ -114,8 +114,8 @@ def posttrain_task(config: dict[str, Any], plan: dict[str, Any], base: dict[str,
 
 @task(name="promote", **STAGE)
 def promote_task(config: dict[str, Any], plan: dict[str, Any], rl: dict[str, Any],
-                 metrics: dict[str, float]) -> dict[str, Any]:
-    return rounds.stage_promote(_cfg(config), plan, rl, metrics)
+                 post_eval: dict[str, Any]) -> dict[str, Any]:
+    return rounds.stage_promote(_cfg(config), plan, rl, post_eval)
 
 
 def concurrency_limit_name(cfg: FlywheelConfig) -> str:
@@ -271,7 +271,7 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
     base_eval = evaluate_task(data, plan, base["checkpoint"], "base")
     rl = posttrain_task(data, plan, base)
     post_eval = evaluate_task(data, plan, rl["checkpoint"], "post")
-    decision = promote_task(data, plan, rl, post_eval["metrics"])
+    decision = promote_task(data, plan, rl, post_eval)
     report = rounds.round_report(cfg, plan, base_eval, post_eval, decision, note=base.get("note"))
     create_markdown_artifact(report, key=f"{cfg.name}-round-{plan['round']}".lower().replace("_", "-"),
                              description=f"{cfg.name} round {plan['round']}")

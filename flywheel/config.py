@@ -149,6 +149,10 @@ class DataConfig(Section):
         default_factory=lambda: [DataSource(source="world:midtrain")], min_length=1
     )
     workers: int | None = Field(None, ge=1)  # token-store build processes; None: one per CPU core
+    # next_slice: round N anneals on the N-th budget-sized slice of the shuffled windows (fresh data each
+    # round, wrapping into a new epoch when the store runs out); same: every round reads slice 0.
+    per_round: Literal["next_slice", "same"] = "next_slice"
+    slice: int = Field(0, ge=0)  # the slice this run reads; a round sets it under next_slice
 
 
 class MidtrainConfig(Section):
@@ -279,10 +283,20 @@ class PromotionGuard(Section):
 
 
 class PromotionConfig(Section):
-    """The gate that decides whether a round's RL checkpoint becomes the next reference."""
+    """The gate that decides whether a round's RL checkpoint becomes the next reference.
+
+    The candidate and the reference are compared on the same evaluation items, paired: the
+    difference of `metric` is bootstrapped over the items (flywheel/tracking/gate.py). `noninferior`
+    promotes when the interval's lower end is above -min_delta (not shown worse by more than the
+    margin), `superior` when it is above 0, `point` compares the two values as they are (value >=
+    reference - min_delta), the rule before the gate knew the noise.
+    """
 
     metric: str = "eval/avg"
-    min_delta: float = Field(0.0, ge=0)
+    rule: Literal["noninferior", "superior", "point"] = "noninferior"
+    min_delta: float = Field(0.02, ge=0)  # the margin on the metric's scale: 0.02 is 2 points of accuracy
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # of the bootstrap interval
+    resamples: int = Field(2000, ge=100)  # bootstrap resamples of the items
     force: bool = False
     guards: list[PromotionGuard] = Field(default_factory=list)  # checked on point estimates, after the metric
 
@@ -605,6 +619,13 @@ def _launch_summary(launch: LaunchConfig) -> str:
     return "; ".join(parts)
 
 
+def _rule_summary(p: PromotionConfig) -> str:
+    if p.rule == "point":
+        return f"point estimates, min_delta {p.min_delta:g}"
+    bound = f"-{p.min_delta:g}" if p.rule == "noninferior" else "0"
+    return f"{p.rule}: {p.confidence:.0%} paired-bootstrap interval's low end > {bound}"
+
+
 def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
     """The few facts a person checks first, as (label, value) rows."""
     mt = cfg.midtrain
@@ -623,7 +644,7 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
         ("data mix", mix),
         ("post-training", chain),
         ("evaluation", ", ".join(cfg.evaluation.tasks)),
-        ("promotion", f"{cfg.promotion.metric}, min_delta {cfg.promotion.min_delta:g}"
+        ("promotion", f"{cfg.promotion.metric}, {_rule_summary(cfg.promotion)}"
                       + "".join(f"; guard {g.metric} max_drop {g.max_drop:g}" for g in cfg.promotion.guards)),
         ("tracking", cfg.tracking.uri or "embedded MLflow (SQLite under home)"),
         ("launch", _launch_summary(cfg.launch)),

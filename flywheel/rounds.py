@@ -18,11 +18,13 @@ from flywheel.config import LAUNCH_STAGES, FlywheelConfig
 from flywheel.data.io import distributed_rank, fingerprint
 from flywheel.errors import FlywheelError
 from flywheel.failpoints import failpoint
-from flywheel.tracking.compare import log_round_metrics
+from flywheel.tracking.compare import log_round_metrics, log_round_values
 from flywheel.tracking.registry import (
     T_BASE_SOURCE,
     T_BASE_VERSION,
     T_DATA,
+    T_DATA_EPOCHS,
+    T_DATA_SLICE,
     T_PROMOTION,
     T_REFERENCE,
     RoundPlan,
@@ -38,10 +40,14 @@ from flywheel.tracking.store import Tracker, open_tracker
 
 
 def round_config(cfg: FlywheelConfig, plan: RoundPlan) -> FlywheelConfig:
-    """Round 0 is the standard pipeline (NTP mid-training); later rounds use the configured objective."""
+    """The config a round's stages run with: round 0 is the standard pipeline (NTP mid-training), later
+    rounds use the configured objective; under `data.per_round: next_slice` round N reads slice N."""
+    update: dict[str, Any] = {}
     if plan.round == 0:
-        return cfg.model_copy(update={"midtrain": cfg.midtrain.model_copy(update={"objective": "ntp"})})
-    return cfg
+        update["midtrain"] = cfg.midtrain.model_copy(update={"objective": "ntp"})
+    if cfg.data.per_round == "next_slice":
+        update["data"] = cfg.data.model_copy(update={"slice": plan.round})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 T_PLAN = "flywheel.plan"  # on the round run: the plan made when the round started, reused when it is re-entered
@@ -249,12 +255,18 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
             _log_source(tracker, run, rcfg, src.source, corpus_key)
         if res.html is not None:
             tracker.log_artifact(run, res.html, "remit")
+        data_tags = slice_tags(rcfg, corpus_key)
+        tracker.set_tags(run, data_tags)
+        from flywheel.remit.dynamics import round_weight_stats
+
+        log_round_values(tracker, plan.round, round_weight_stats(res.metrics.get("log_history", []),
+                                                                 rcfg.midtrain.objective))
         version = register_checkpoint(
             tracker, model=base_model_name(cfg), checkpoint=res.checkpoint, run_id=run, round_n=plan.round,
             stage="midtrain", key=f"round{plan.round}-midtrain-{res.key}",
             tags={T_REFERENCE: plan.reference_version.split("/")[-1] if plan.reference_version else "none",
                   T_BASE_SOURCE: base_source,
-                  T_DATA: corpus_key},
+                  T_DATA: corpus_key, **data_tags},
         )
     failpoint("base-registered")
     out = {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
@@ -262,9 +274,19 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
     if repeat is not None:
         out["note"] = (f"round {plan.round} has exactly the mid-training inputs of round {repeat} (same base, "
                        f"reference {plan.reference_version or 'none'}, data and settings), so it reproduces that "
-                       "round's model: the flywheel is standing still. Change the data or the config, or pass "
+                       "round's model: the flywheel is standing still. Change the data or the config (data.per_round: "
+                       "next_slice anneals each round on fresh data), or pass "
                        "force_promotion, to move it")
     return out
+
+
+def slice_tags(cfg: FlywheelConfig, corpus_key: str) -> dict[str, str]:
+    """Which slice of the mixture's window stream an anneal read, and where it lies in each source's epochs."""
+    meta_path = cfg.home / "cache" / "packed" / corpus_key / "meta.json"
+    sources = json.loads(meta_path.read_text())["sources"] if meta_path.exists() else []
+    epochs = "; ".join(f"{s['source']} epochs {s.get('epoch_from', 0):.2f}-{s.get('epoch_to', s['epochs']):.2f}"
+                       for s in sources)
+    return {T_DATA_SLICE: str(cfg.data.slice), **({T_DATA_EPOCHS: epochs} if epochs else {})}
 
 
 def repeated_round(tracker: Tracker, cfg: FlywheelConfig, round_n: int, key: str) -> int | None:
@@ -296,6 +318,9 @@ def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind
     if not is_main_rank():  # lm-eval splits the requests over a launched job's ranks and gathers on rank 0
         evaluate(cfg, checkpoint, kind=kind)
         return {}
+    dynamics = {}
+    if kind == "post" and p.get("reference_path"):  # how far this round's RL model moved from its guide
+        dynamics = round_kl(cfg, p, checkpoint)
     manifest = Path(checkpoint) / "flywheel-manifest.json"
     memo = None
     if manifest.exists():
@@ -305,20 +330,49 @@ def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind
     with tracker.stage_run(p["round"], f"evaluate/{kind}", {"evaluation": cfg.evaluation.model_dump(mode="json"),
                                                              "checkpoint": checkpoint}) as run:
         if memo is not None and memo.exists():
-            metrics = json.loads(memo.read_text())["metrics"]
+            recorded = json.loads(memo.read_text())
+            metrics, items = recorded["metrics"], recorded.get("items")
             tracker.set_tags(run, {"flywheel.reused": memo})
             tracker.log_metrics(run, metrics)
         else:
             result = evaluate(cfg, checkpoint, kind=kind)
-            metrics = result.metrics
+            metrics, items = result.metrics, result.items_path and str(result.items_path)
             tracker.log_metrics(run, metrics)
             for path in (result.results_path, result.samples_path):
                 if path is not None and Path(path).exists():
                     tracker.log_artifact(run, Path(path), "eval")
             if memo is not None:
-                write_json(memo, {"checkpoint": checkpoint, "kind": kind, "metrics": metrics})
+                write_json(memo, {"checkpoint": checkpoint, "kind": kind, "metrics": metrics, "items": items})
+        items_uri = None
+        if items and Path(items).is_file():  # the per-item scores the next round's gate pairs with
+            tracker.log_artifact(run, Path(items), "eval")
+            items_uri = tracker.artifact_uri(run, f"eval/{Path(items).name}")
     log_round_metrics(tracker, p["round"], metrics, kind)
-    return {"metrics": metrics}
+    log_round_values(tracker, p["round"], dynamics)
+    return {"metrics": metrics, "items_uri": items_uri}
+
+
+def round_kl(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str) -> dict[str, float]:
+    """`dynamics/kl_to_reference`: KL(RL model ‖ the round's reference) per token on held-out mid-training text.
+
+    Remembered per (checkpoint manifest, reference, held-out slice), so a resumed round does not recompute it.
+    """
+    from flywheel.data.io import file_fingerprint, write_json
+    from flywheel.remit.dynamics import heldout_rows, kl_to_reference
+
+    rcfg = round_config(cfg, _plan(p))
+    manifest, ref_manifest = Path(checkpoint) / "flywheel-manifest.json", Path(p["reference_path"]) / "flywheel-manifest.json"
+    memo = None
+    if manifest.exists() and ref_manifest.exists():
+        memo = cfg.home / "evals" / "verified" / (fingerprint(
+            "kl", file_fingerprint(manifest), file_fingerprint(ref_manifest), rcfg.data.slice,
+            rcfg.data.model_dump(mode="json"), rcfg.midtrain.seq_len, rcfg.midtrain.token_budget) + ".json")
+        if memo.exists():
+            return json.loads(memo.read_text())
+    out = {"dynamics/kl_to_reference": kl_to_reference(cfg, checkpoint, p["reference_path"], heldout_rows(rcfg))}
+    if memo is not None:
+        write_json(memo, out)
+    return out
 
 
 def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any],
@@ -349,17 +403,18 @@ def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any]
     return {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
 
 
-def stage_promote(cfg: FlywheelConfig, p: dict[str, Any], rl: dict[str, Any], metrics: dict[str, float]) -> dict:
-    """The promotion gate; the decision is recorded on the round run and on the version."""
+def stage_promote(cfg: FlywheelConfig, p: dict[str, Any], rl: dict[str, Any], post_eval: dict[str, Any]) -> dict:
+    """The promotion gate on the RL model's evaluation; the decision is recorded on the round run and the version."""
     tracker = open_tracker(cfg)
     with tracker.stage_run(p["round"], "promote", {"promotion": cfg.promotion.model_dump(mode="json")}) as run:
         candidate = tracker.client.get_model_version(rl_model_name(cfg), rl["version"])
         round_run = tracker.round_run(p["round"])
-        d = promote(tracker, candidate, metrics, round_run_id=round_run)
+        d = promote(tracker, candidate, post_eval["metrics"], round_run_id=round_run,
+                    items_uri=post_eval.get("items_uri"))
         tracker.set_tags(run, {"promoted": d.promoted, "reason": d.reason})
     tracker.client.set_terminated(round_run, "FINISHED")  # the round is decided: its run is not left RUNNING
     return {"promoted": d.promoted, "reason": d.reason, "version": d.candidate_version,
-            "previous": d.previous_version}
+            "previous": d.previous_version, "interval": d.interval.to_dict() if d.interval else None}
 
 
 def round_report(cfg: FlywheelConfig, p: dict[str, Any], base_eval: dict, post_eval: dict, decision: dict,
@@ -401,6 +456,6 @@ def run_round_direct(cfg: FlywheelConfig, round_n: int | None = None) -> dict[st
         base_eval = stage_evaluate(cfg, p, base["checkpoint"], "base")
         rl = stage_posttrain(cfg, p, base)
         post_eval = stage_evaluate(cfg, p, rl["checkpoint"], "post")
-        decision = stage_promote(cfg, p, rl, post_eval["metrics"])
+        decision = stage_promote(cfg, p, rl, post_eval)
     return {**p, "base": base, "rl": rl, "base_eval": base_eval, "post_eval": post_eval, "decision": decision,
             "key": fingerprint(base["key"], rl["key"])}

@@ -194,3 +194,32 @@ def test_a_tokenizer_without_eos_and_an_all_empty_source_are_one_sentence_each(t
 def test_a_glob_that_matches_nothing_is_refused_by_the_config(tmp_path):
     with pytest.raises(Exception, match=r"data\.sources\.0\.source.*the glob matches no file; fix the pattern"):
         _cfg(tmp_path / "h", [{"source": str(tmp_path / "shards" / "*.jsonl")}])
+
+
+def test_consecutive_slices_read_on_where_the_last_stopped_and_wrap_into_a_recorded_epoch(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in _docs(300, seed=3)])
+    src = [{"source": str(tmp_path / "a.jsonl")}]
+    budget, seq_len = 2048, 32  # 64 windows a slice
+    home = tmp_path / "h"
+
+    def starts(part: int, budget: int = budget) -> tuple[set[int], dict]:
+        corpus = build_mixture(_cfg(home, src, budget, seq_len, slice=part), tok, "t")
+        return set(np.load(corpus.folder / "windows.npy").tolist()), corpus.meta
+
+    s0, m0 = starts(0)
+    s1, m1 = starts(1)
+    assert len(s0) == len(s1) == budget // seq_len and not s0 & s1  # fresh windows, none repeated
+    assert m0["key"] != m1["key"] and (m0["slice"], m1["slice"]) == (0, 1)
+    # one stream: slices 0 and 1 are exactly the first two budgets' worth, what one anneal of twice the budget reads
+    both, _ = starts(0, 2 * budget)
+    assert s0 | s1 == both
+    # slice 0 is the mixture a plain anneal (no slice) always read: its key does not name a slice
+    plain = build_mixture(_cfg(home, src, budget, seq_len), tok, "t")
+    assert plain.key == m0["key"]
+    (src0,), (src1,) = m0["sources"], m1["sources"]
+    assert src0["epoch_from"] == 0 and src1["epoch_from"] == pytest.approx(src0["epoch_to"])
+    per_epoch = 1 / src0["epoch_to"]  # slices per epoch of this store
+    # a slice past the end of the store reads a new epoch, and says where it is
+    late = int(np.ceil(per_epoch)) + 1
+    s_late, m_late = starts(late)
+    assert m_late["sources"][0]["epoch_from"] > 1 and len(s_late) == budget // seq_len

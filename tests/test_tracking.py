@@ -51,9 +51,29 @@ def checkpoints(small_world, tmp_path_factory):
     return out
 
 
-def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_version=None, key=None, metrics=None):
-    """What a round leaves in MLflow: a mid-trained base, an RL candidate, evaluation, promotion."""
+def items_file(folder: Path, score: float, n: int = 200, protocol: dict | None = None) -> str:
+    """Per-item scores of two tasks whose means are `score` (the first round(score·n) items right), as evaluate writes."""
+    import json
+
+    right = round(score * n)
+    per_item = {str(i): float(i < right) for i in range(n)}
+    items = {"protocol": protocol or {"tasks": ["world"], "limit": None, "num_fewshot": None, "kind": "post"},
+             "top": ["world_gsm", "world_mc"], "groups": {},
+             "scores": {"world_gsm": {"exact_match": per_item}, "world_mc": {"acc": per_item}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"items-{score}-{n}-{abs(hash(json.dumps(items, sort_keys=True)))}.json"
+    path.write_text(json.dumps(items))
+    return str(path)
+
+
+def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_version=None, key=None, metrics=None,
+                   items_uri=None):
+    """What a round leaves in MLflow: a mid-trained base, an RL candidate, evaluation, promotion.
+
+    `items_uri`: a per-item scores file (default: one whose mean is `score`), or "" for an evaluation without them.
+    """
     cfg = tracker.cfg
+    items_uri = items_file(cfg.home / "items", score) if items_uri is None else items_uri
     key = key or f"r{round_n}"
     with tracker.stage_run(round_n, "midtrain", {"midtrain": cfg.midtrain.model_dump(mode="json")}) as run:
         tracker.log_history(run, [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}])
@@ -67,8 +87,13 @@ def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_versio
                                    tags={T_BASE_VERSION: str(base_v.version), T_BASE_SOURCE: cfg.model.source},
                                    candidate=True)
     log_round_metrics(tracker, round_n, {"eval/avg": score, "eval/world_gsm/exact_match": score}, "post")
+    if items_uri:  # what stage_evaluate does: the per-item scores are an artefact of the evaluation run
+        with tracker.stage_run(round_n, "evaluate/post") as run:
+            tracker.log_artifact(run, Path(items_uri), "eval")
+            items_uri = tracker.artifact_uri(run, f"eval/{Path(items_uri).name}")
     with tracker.stage_run(round_n, "promote"):
-        decision = promote(tracker, rl_v, metrics or {"eval/avg": score}, round_run_id=tracker.round_run(round_n))
+        decision = promote(tracker, rl_v, metrics or {"eval/avg": score}, round_run_id=tracker.round_run(round_n),
+                           items_uri=items_uri or None)
     return base_v, rl_v, decision
 
 
@@ -101,7 +126,7 @@ def test_two_rounds_leave_tags_aliases_and_lineage(tracker, checkpoints):
     assert f"guided by fw-rl v{r0.version}" in chain[1]
     assert "NTP, no reference" in chain[3] and chain[-1].startswith("  ← pre-anneal base world:nano")
     stages = {r.data.tags["flywheel.stage"] for r in tracker.stage_runs(1)}
-    assert stages == {"midtrain", "posttrain/sft", "promote"}
+    assert stages == {"midtrain", "posttrain/sft", "evaluate/post", "promote"}
     midtrain_run = next(r for r in tracker.stage_runs(1) if r.data.tags["flywheel.stage"] == "midtrain")
     assert midtrain_run.data.params["midtrain.epsilon"] == "0.2"
     assert [m.value for m in client.get_metric_history(midtrain_run.info.run_id, "loss")] == [3.0, 2.5]
@@ -114,18 +139,56 @@ def test_gate_refuses_a_regression_records_why_and_force_overrides(tracker, chec
     assert not decision.promoted
     assert str(tracker.client.get_model_version_by_alias("fw-rl", "reference").version) == ref_before
     tag = tracker.client.get_model_version("fw-rl", bad.version).tags[T_PROMOTION]
-    assert tag.startswith("rejected: eval/avg 0.1000 < reference")
+    assert tag.startswith("rejected: eval/avg 0.1000 vs reference v1 0.3000, Δ -0.2000 ± ")
+    assert "low end <= -0.02 (noninferior)" in tag
     assert tracker.round_runs()[1].data.tags[T_PROMOTION] == tag
     forced = promote(tracker, bad, {"eval/avg": 0.10}, force=True)
     assert forced.promoted and "forced" in forced.reason
     assert tracker.client.get_model_version_by_alias("fw-rl", "reference").version == bad.version
 
 
+def test_the_paired_gate_records_its_interval_on_the_version_and_round_run_and_the_table_shows_it(tracker, checkpoints,
+                                                                                                  tmp_path):
+    from flywheel.tracking.registry import T_GATE, T_ITEMS
+
+    _, r0, _ = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
+    _, r1, d1 = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.45, reference_version=str(r0.version))
+    assert d1.promoted and d1.interval.low > 0.1  # 30 more items of 200 right on both tasks
+    version = tracker.client.get_model_version("fw-rl", r1.version)
+    run_tags = tracker.round_runs()[1].data.tags
+    for tags in (version.tags, run_tags):
+        assert tags[T_GATE + "rule"] == "noninferior" and tags[T_GATE + "items"] == "400"
+        assert float(tags[T_GATE + "delta"]) == pytest.approx(0.15)
+        assert float(tags[T_GATE + "ci_low"]) < 0.15 < float(tags[T_GATE + "ci_high"])
+    assert version.tags[T_ITEMS].endswith("/eval/" + Path(version.tags[T_ITEMS]).name)  # an artefact of the run
+    row = next(line for line in compare(tracker, out_dir=tmp_path / "rep").text.splitlines() if line.startswith("gate"))
+    assert row.split(" | ")[1:3] == ["–", f"+0.1500 ± {d1.interval.half_width:.4f}"]
+
+
+def test_a_reference_of_another_protocol_or_without_items_is_refused_unless_forced_or_point(tmp_path, checkpoints):
+    tracker = open_tracker(small_config(tmp_path / "h", name="fw"))
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
+    other = items_file(tmp_path / "x", 0.50, protocol={"tasks": ["world"], "limit": 50, "num_fewshot": None,
+                                                        "kind": "post"})
+    _, _, d = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.50, items_uri=other)
+    assert not d.promoted and d.reason.startswith("cannot compare: reference v1 was evaluated under another protocol")
+    assert "limit None vs 50 now" in d.reason and d.reason.endswith("kept v1")
+    _, _, d = simulate_round(tracker, 2, checkpoints[4], checkpoints[5], 0.50, items_uri="")
+    assert not d.promoted and "the candidate has no per-item evaluation scores" in d.reason
+    forced = open_tracker(small_config(tmp_path / "h", name="fw", promotion={"force": True}))
+    _, v3, d = simulate_round(forced, 3, checkpoints[6], checkpoints[7], 0.50, items_uri="")
+    assert d.promoted and d.reason.startswith("forced")
+    # the reference (v4) now has no items: the paired rules refuse, the point rule compares the values
+    point = open_tracker(small_config(tmp_path / "h", name="fw", promotion={"rule": "point"}))
+    _, _, d = simulate_round(point, 4, checkpoints[0], checkpoints[2], 0.55, key="r4p")
+    assert d.promoted and d.reason.startswith("eval/avg 0.5500 >= reference v4 0.5000")
+
+
 def test_min_delta_tolerates_a_small_drop(tmp_path, checkpoints):
-    tracker = open_tracker(small_config(tmp_path / "h", name="fw", promotion={"min_delta": 0.05}))
+    tracker = open_tracker(small_config(tmp_path / "h", name="fw", promotion={"min_delta": 0.05, "rule": "point"}))
     simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
     _, _, decision = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.27)
-    assert decision.promoted
+    assert decision.promoted and "eval/avg 0.2700 >= reference v1 0.3000 - min_delta 0.05" in decision.reason
 
 
 def test_a_guard_rejects_an_otherwise_better_candidate_and_the_decision_names_the_guard(tmp_path, checkpoints):
@@ -182,7 +245,8 @@ def test_racing_promotions_leave_one_consistent_winner_and_both_recorded(tracker
     def race(v):
         t = open_tracker(cfg)  # each contender has its own client, as two workers would
         barrier.wait()
-        decisions[str(v.version)] = promote(t, v, {"eval/avg": scores[str(v.version)]})
+        score = scores[str(v.version)]
+        decisions[str(v.version)] = promote(t, v, {"eval/avg": score}, items_uri=items_file(cfg.home / "race", score))
 
     threads = [threading.Thread(target=race, args=(v,)) for v in versions]
     for t in threads:

@@ -458,29 +458,23 @@ def heldout_kl(cfg: FlywheelConfig, model_path: str | Path, reference: str | Pat
     How far mid-training moved the model toward (or away from) the reference, on text neither trained on.
     """
     import torch
-    import torch.nn.functional as F
 
     from flywheel.models import load_model, load_tokenizer
+    from flywheel.remit.dynamics import mean_kl
 
     tok = load_tokenizer(cfg, str(model_path))
-    model = load_model(cfg, str(model_path), for_training=False)
-    ref = load_model(cfg, str(reference), for_training=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total, count = 0.0, 0
-    with torch.inference_mode():
+
+    def batches():  # noqa: ANN202
         for b in range(0, len(texts), batch):
             encoded = tok(texts[b : b + batch], add_special_tokens=False)["input_ids"]
             ids = [x + [tok.eos_token_id] for x in encoded]
             width = max(len(x) for x in ids)
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-            lp = F.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            lq = F.log_softmax(ref(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            kl = (lp.exp() * (lp - lq)).sum(-1)
-            valid = mask[:, 1:].bool()
-            total += float(kl[valid].sum())
-            count += int(valid.sum())
-    return total / max(1, count)
+            yield (torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+                   torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]))
+
+    return mean_kl(load_model(cfg, str(model_path), for_training=False),
+                   load_model(cfg, str(reference), for_training=False), batches())
 
 
 def midtrain_with_points(plan: dict[str, Any], cfg: FlywheelConfig, base: str, reference: str | None,

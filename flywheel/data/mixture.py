@@ -8,13 +8,20 @@ repeated: every epoch is a fresh seeded permutation of its windows, shifted by a
 so a repeat sees its documents at other positions, and the epoch count is recorded. A window never crosses a shard, so a shard's tail shorter than `seq_len` is not used
 (at most `seq_len - 1` tokens per shard of 64 MiB of text).
 
+Those epochs make one endless seeded stream of windows per source. `data.slice` k takes that
+stream's k-th budget-sized stretch: with `data.per_round: next_slice` round N reads slice N, so
+each round anneals on text the earlier rounds did not see until the store runs out, and then on a
+new epoch (meta.json records where each source's slice starts and ends, in epochs). Slice 0 is
+the stream's start, so a single anneal and round 0 read exactly what they read before slices.
+
     home/cache/packed/<key>/
         windows.npy   int64, the first token of every window, as an offset into the shards listed in
                       meta.json laid end to end (8 bytes per window, not 4 bytes per token)
-        meta.json     key, rows, seq_len, tokens, per source: store, documents, windows, epochs, bytes
+        meta.json     key, slice, rows, seq_len, tokens, per source: store, documents, windows, epochs
+                      (epoch_from and epoch_to: where its slice lies in the stream), bytes
 
 The key covers the tokenizer, each source (its store key: fingerprint, text field, tokenizer),
-the weights, the budget, seq_len and the seed, so reference scoring and every training run of a
+the weights, the budget, seq_len, the seed and the slice (when not 0), so reference scoring and every training run of a
 round read the very same tokens. Rows are read by memory map (`Windows`); a token's document id
 comes from the store's document-end offsets, so ReMiT's per-document centring needs no per-token
 array.
@@ -164,24 +171,35 @@ def _source_windows(store: SourceStore, base: int, seq_len: int, shift: int = 0)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
-def _take(store: SourceStore, base: int, seq_len: int, count: int, rng: np.random.Generator
-          ) -> tuple[np.ndarray, float]:
-    """`count` windows of a store and the epochs they make: one seeded permutation per epoch.
+def _take(store: SourceStore, base: int, seq_len: int, count: int, rng: np.random.Generator, skip: int = 0
+          ) -> tuple[np.ndarray, float, float]:
+    """Windows `skip` to `skip + count` of a store's endless stream, and the epochs where they start and end.
 
-    The first epoch's windows start at each shard's first token; every repeat shifts them by a
-    seeded offset, so a repeated document is seen at other positions and beside other text.
+    The stream is one seeded permutation of the store's windows per epoch. The first epoch's windows
+    start at each shard's first token; every repeat shifts them by a seeded offset, so a repeated
+    document is seen at other positions and beside other text. Slice k of a flywheel is `skip = k * count`:
+    slice 0 is what a single anneal reads, and a later slice reads on where the previous one stopped.
     """
-    parts, epochs, remaining, shift = [], 0.0, count, 0
+    parts, remaining, shift, start = [], count, 0, 0
+    epoch, epoch_from, epoch_to = 0, None, 0.0
     while remaining > 0:
         avail = _source_windows(store, base, seq_len, shift)
         if len(avail) == 0:
             avail, shift = _source_windows(store, base, seq_len), 0  # shards shorter than seq_len + shift
-        pick = avail[rng.permutation(len(avail))[:remaining]]
-        parts.append(pick)
-        remaining -= len(pick)
-        epochs += len(pick) / len(avail)
+        n = len(avail)
+        order = rng.permutation(n)
+        lo = max(0, skip - start)  # where the slice begins inside this epoch (n: not yet)
+        if lo < n:
+            pick = avail[order[lo : lo + remaining]]
+            parts.append(pick)
+            remaining -= len(pick)
+            epoch_from = epoch + lo / n if epoch_from is None else epoch_from
+            epoch_to = epoch + (lo + len(pick)) / n
+        start += n
+        epoch += 1
         shift = int(rng.integers(seq_len))
-    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)), epochs
+    windows = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    return windows, epoch_from or 0.0, epoch_to
 
 
 def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | None = None,
@@ -203,9 +221,10 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     caps = [None if source_files(cfg, s) is not None else (c + 1) * mt.seq_len
             for s, c in zip(cfg.data.sources, counts, strict=True)]
     keys = [store_key(cfg, s, tok, cap) for s, cap in zip(cfg.data.sources, caps, strict=True)]
-    key = fingerprint(MIX_VERSION, tokenizer_id, [(s.model_dump(mode="json"), k) for s, k in
-                                                  zip(cfg.data.sources, keys, strict=True)],
-                      mt.token_budget, mt.seq_len, cfg.seed)
+    part = cfg.data.slice
+    sources_json = [s.model_dump(mode="json") for s in cfg.data.sources]
+    key = fingerprint(MIX_VERSION, tokenizer_id, list(zip(sources_json, keys, strict=True)),
+                      mt.token_budget, mt.seq_len, cfg.seed, *([("slice", part)] if part else []))
     folder = cfg.home / "cache" / "packed" / key
     rank, world = distributed_rank()
     if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
@@ -231,11 +250,12 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
             raise FlywheelError(f"data.sources.{i}.source: {src.source} holds {store.meta['tokens']:,} tokens in "
                                 f"shards shorter than midtrain.seq_len={mt.seq_len}; add data or shorten seq_len")
         rng = np.random.default_rng([cfg.seed, i, MIX_VERSION])
-        taken, epochs = _take(store, base, mt.seq_len, count, rng)
+        taken, epoch_from, epoch_to = _take(store, base, mt.seq_len, count, rng, skip=part * count)
         starts.append(taken)
         sources.append({"source": src.source, "store": store.key, "documents": store.meta["documents"],
                         "store_tokens": store.meta["tokens"], "windows": int(count),
-                        "tokens": int(count) * mt.seq_len, "epochs": round(epochs, 4),
+                        "tokens": int(count) * mt.seq_len, "epochs": round(epoch_to - epoch_from, 4),
+                        "epoch_from": round(epoch_from, 4), "epoch_to": round(epoch_to, 4),
                         "bytes": store.meta["bytes"]})
         shards += [{"path": os.path.relpath(store.folder / s["file"], folder), "dtype": store.meta["dtype"],
                     "tokens": s["tokens"], "documents": s["documents"]} for s in store.shards]
@@ -244,6 +264,6 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     index = index[np.random.default_rng([cfg.seed, MIX_VERSION]).permutation(len(index))]
     with atomic_dir(folder) as tmp:
         np.save(tmp / "windows.npy", index)
-        write_json(tmp / "meta.json", {"key": key, "rows": len(index), "seq_len": mt.seq_len,
+        write_json(tmp / "meta.json", {"key": key, "slice": part, "rows": len(index), "seq_len": mt.seq_len,
                                        "tokens": len(index) * mt.seq_len, "sources": sources, "shards": shards})
     return PackedCorpus(folder, key, builds)

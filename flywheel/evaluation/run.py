@@ -17,6 +17,7 @@ from typing import Any, Literal
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import fingerprint, write_json, write_jsonl
 from flywheel.errors import FlywheelError
+from flywheel.evaluation.items import ITEMS_FILE, item_scores
 from flywheel.evaluation.registry import UNSAFE, TaskSpec, resolve_tasks, task_manager
 from flywheel.metrics import AVG, by_task, flatten_results, primary_metric
 
@@ -42,6 +43,7 @@ class EvalResult:
     kind: str
     checkpoint: str
     seconds: float = 0.0
+    items_path: Path | None = None  # per-item scores for the paired promotion gate (evaluation/items.py)
 
 
 def eval_dir(cfg: FlywheelConfig, checkpoint: str, kind: str) -> Path:
@@ -166,11 +168,19 @@ def evaluate(cfg: FlywheelConfig, checkpoint: str | Path, *, kind: Kind = "base"
     samples_path = folder / SAMPLES_FILE
     results_path = folder / RESULTS_FILE
     write_jsonl(samples_path, _sample_rows(results))
+    items_path = folder / ITEMS_FILE
+    write_json(items_path, item_scores(results, protocol(cfg, kind) | {"versions": _jsonable(results.get("versions", {}))}))
     write_json(results_path, _jsonable({
         "checkpoint": model, "kind": kind, "tasks": [s.name for s in specs], "limit": cfg.evaluation.limit,
         "metrics": metrics, "lm_eval": {k: results[k] for k in _KEEP if k in results},
     }))  # fmt: skip
-    return EvalResult(metrics, results_path, samples_path, kind, model, time.perf_counter() - t0)
+    return EvalResult(metrics, results_path, samples_path, kind, model, time.perf_counter() - t0, items_path)
+
+
+def protocol(cfg: FlywheelConfig, kind: str) -> dict[str, Any]:
+    """What decides which items and prompts an evaluation has: two results pair only when these agree."""
+    return {"tasks": list(cfg.evaluation.tasks), "limit": cfg.evaluation.limit,
+            "num_fewshot": cfg.evaluation.num_fewshot, "kind": kind}
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -11,7 +11,11 @@ from flywheel.tracking.store import Tracker
 
 def log_round_metrics(tracker: Tracker, round_n: int, metrics: dict[str, float], kind: str) -> None:
     """Round-level metrics (`<kind>/<name>`, kind = base or post) on the round run and, with step=N, the summary run."""
-    named = {f"{kind}/{k}": v for k, v in metrics.items()}
+    log_round_values(tracker, round_n, {f"{kind}/{k}": v for k, v in metrics.items()})
+
+
+def log_round_values(tracker: Tracker, round_n: int, named: dict[str, float]) -> None:
+    """Values that describe a round (its metrics, its weight statistics, its KL) at step=N on the round and summary runs."""
     tracker.log_metrics(tracker.round_run(round_n), named, step=round_n)
     summary = tracker.summary_run()
     tracker.log_metrics(summary, named, step=round_n)
@@ -34,6 +38,15 @@ def _fmt(v: float | None, signed: bool = False) -> str:
     return f"{v:+.4f}" if signed else f"{v:.4f}"
 
 
+def _gate_cell(tags: dict[str, str]) -> str:
+    """`+0.0120 ± 0.0431` from a round run's paired-gate tags (registry.T_GATE), `–` when it has none."""
+    try:
+        delta, low, high = (float(tags[f"flywheel.promotion.{k}"]) for k in ("delta", "ci_low", "ci_high"))
+    except KeyError:
+        return "–"
+    return f"{delta:+.4f} ± {(high - low) / 2:.4f}"
+
+
 def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str = "") -> Comparison:
     """Read every round's metrics from MLflow, tabulate deltas vs the previous round and round 0, plot, log both."""
     runs = tracker.round_runs()
@@ -52,6 +65,9 @@ def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str = "") -> 
         d_prev = last - prev if last is not None and prev is not None else None
         d_first = last - first if last is not None and first is not None and len(row) > 1 else None
         lines.append(" | ".join([m, *(_fmt(v) for v in row), _fmt(d_prev, True), _fmt(d_first, True)]))
+    gate = [_gate_cell(runs[n].data.tags) for n in rounds]
+    if any(c != "–" for c in gate):
+        lines.append(" | ".join(["gate: Δ vs reference ± CI half-width", *gate, "–", "–"]))
     for n in rounds:
         promo = runs[n].data.tags.get("flywheel.promotion")
         if promo:

@@ -16,6 +16,7 @@ from typing import Any
 
 from flywheel.config import FlywheelConfig
 from flywheel.errors import FlywheelError
+from flywheel.tracking.gate import NotComparable, PairedDelta, paired_delta, passes
 from flywheel.tracking.store import Tracker, code_version
 
 T_ROUND = "flywheel.round"
@@ -24,6 +25,8 @@ T_REFERENCE = "flywheel.reference_version"
 T_BASE_SOURCE = "flywheel.base_source"
 T_BASE_VERSION = "flywheel.base_version"
 T_DATA = "flywheel.data_fingerprint"
+T_DATA_SLICE = "flywheel.data_slice"  # the slice of the mixture's window stream (data.slice) a base annealed on
+T_DATA_EPOCHS = "flywheel.data_epochs"  # where that slice lies in each source's epochs, e.g. "world:midtrain 0.38-0.76"
 T_CONFIG = "flywheel.config_hash"
 T_CODE = "flywheel.code_version"
 T_RUN = "flywheel.run_id"
@@ -31,6 +34,8 @@ T_KEY = "flywheel.checkpoint_key"
 T_PROMOTION = "flywheel.promotion"
 T_METRIC_PREFIX = "flywheel.metric."
 T_PREVIOUS = "flywheel.previous_reference"
+T_ITEMS = "flywheel.eval_items"  # where the version's per-item evaluation scores are (an artefact URI)
+T_GATE = "flywheel.promotion."  # + rule, delta, ci_low, ci_high, items, confidence: the paired gate's numbers
 
 
 def base_model_name(cfg: FlywheelConfig) -> str:
@@ -147,6 +152,17 @@ class PromotionDecision:
     candidate_value: float
     previous_value: float | None
     reason: str
+    interval: PairedDelta | None = None
+
+    def gate_tags(self, rule: str) -> dict[str, str]:
+        """`flywheel.promotion.<rule|delta|ci_low|ci_high|items|confidence>`: what the decision rested on."""
+        tags = {T_GATE + "rule": rule}
+        if self.interval is not None:
+            iv = self.interval
+            tags |= {T_GATE + "delta": f"{iv.delta:.6f}", T_GATE + "ci_low": f"{iv.low:.6f}",
+                     T_GATE + "ci_high": f"{iv.high:.6f}", T_GATE + "items": str(iv.items),
+                     T_GATE + "confidence": f"{iv.confidence:g}"}
+        return tags
 
 
 @contextmanager
@@ -170,10 +186,28 @@ def version_metric(version: Any, metric: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_run_id: str | None = None,
-            force: bool | None = None) -> PromotionDecision:
-    """Move `@reference` to the candidate unless its metric is worse than the reference's by more than min_delta.
+def load_items(tracker: Tracker, uri: str) -> dict[str, Any]:
+    """A version's per-item scores from its artefact URI (downloaded from a remote store when needed)."""
+    import json
+    import tempfile
 
+    local = Path(uri.removeprefix("file://"))
+    if not local.is_file():
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tmp, tracking_uri=tracker.client._tracking_client.tracking_uri))
+            return json.loads(local.read_text())
+    return json.loads(local.read_text())
+
+
+def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_run_id: str | None = None,
+            force: bool | None = None, items_uri: str | None = None) -> PromotionDecision:
+    """Move `@reference` to the candidate when it passes `promotion.rule` against the current reference.
+
+    `items_uri` names the candidate's per-item scores (evaluation/items.py); it is recorded on the
+    version, so the next round's gate pairs its candidate with this one item by item.
     Re-entrant: the verdict is written on the version before the alias moves, and the round run's
     tag last, so a promote killed at any point finishes what it decided when the round is rerun.
     """
@@ -192,8 +226,14 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
         if recorded is None or (force and not recorded.startswith("promoted")):  # force re-decides a rejection
             for k, v in metrics.items():
                 client.set_model_version_tag(model, str(candidate.version), T_METRIC_PREFIX + k, str(v))
+            if items_uri:
+                client.set_model_version_tag(model, str(candidate.version), T_ITEMS, items_uri)
+                candidate = client.get_model_version(model, str(candidate.version))
             decision = _decide(tracker, candidate, value, force, metrics)
             verdict = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
+            gate = decision.gate_tags(cfg.promotion.rule)
+            for k, v in gate.items():
+                client.set_model_version_tag(model, str(candidate.version), k, v)
             client.set_model_version_tag(model, str(candidate.version), T_PREVIOUS, decision.previous_version or "")
             client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, verdict)
         else:  # decided before a crash: carry out the recorded verdict, never decide twice
@@ -204,6 +244,7 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
                 prev_value = version_metric(client.get_model_version(model, previous), metric)
             decision = PromotionDecision(recorded.startswith("promoted"), str(candidate.version), previous, value,
                                          prev_value, recorded.split(": ", 1)[-1])
+            gate = {k: v for k, v in candidate.tags.items() if k.startswith(T_GATE)}
         from flywheel.failpoints import failpoint
 
         failpoint("promote")  # crash test: killed between the recorded verdict and the alias move
@@ -213,21 +254,38 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
         if pending is not None and str(pending.version) == str(candidate.version):
             client.delete_registered_model_alias(model, "candidate")  # promotion has decided
         if round_run_id:
-            tracker.set_tags(round_run_id, {T_PROMOTION: verdict, "flywheel.promoted": str(decision.promoted).lower()})
+            tracker.set_tags(round_run_id, {**gate, T_PROMOTION: verdict,
+                                            "flywheel.promoted": str(decision.promoted).lower()})
     return decision
+
+
+def _interval(tracker: Tracker, candidate: Any, current: Any) -> PairedDelta:
+    """The paired bootstrap of candidate − reference on `promotion.metric` (NotComparable when it cannot be)."""
+    cfg = tracker.cfg
+    name = f"reference v{current.version}"
+    for version, who in ((candidate, "the candidate"), (current, name)):
+        if not version.tags.get(T_ITEMS):
+            raise NotComparable(f"{who} has no per-item evaluation scores (evaluated before the paired gate, or "
+                                "without its samples), so the two cannot be paired; set promotion.rule: point, "
+                                "or pass force_promotion (promotion.force) to promote anyway")
+    return paired_delta(load_items(tracker, candidate.tags[T_ITEMS]), load_items(tracker, current.tags[T_ITEMS]),
+                        cfg.promotion.metric, confidence=cfg.promotion.confidence, resamples=cfg.promotion.resamples,
+                        seed=[cfg.seed, int(candidate.version)], ref_name=name)
 
 
 def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
             metrics: dict[str, float] | None = None) -> PromotionDecision:
     """The gate itself: non-finite weights never pass; otherwise compare with the current reference.
 
-    A candidate that passes the main metric is still rejected when a `promotion.guards` metric falls
-    more than its max_drop below the reference's (point estimates), and the reason names that guard.
+    The main metric is judged by `promotion.rule` on the paired interval (gate.py). A candidate that
+    passes it is still rejected when a `promotion.guards` metric falls more than its max_drop below
+    the reference's (point estimates), and the reason names that guard.
     """
     from flywheel.checkpoints import first_non_finite
 
     cfg = tracker.cfg
     metric = cfg.promotion.metric
+    rule = cfg.promotion.rule
     current = get_alias(tracker, rl_model_name(cfg), "reference")
     prev_value = version_metric(current, metric) if current is not None else None
     prev = str(current.version) if current is not None else None
@@ -239,22 +297,33 @@ def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
         return PromotionDecision(True, str(candidate.version), prev, value, prev_value, "already the reference")
     if current is None:
         return PromotionDecision(True, str(candidate.version), None, value, None, "first reference of this flywheel")
+    interval, problem = None, None
+    try:
+        interval = _interval(tracker, candidate, current)
+    except NotComparable as exc:
+        problem = str(exc)
     if force:
+        shown = interval.text() if interval else f"{value:.4f} vs {prev_value}"
         return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
-                                 f"forced (promotion.force); {metric} {value:.4f} vs {prev_value}")
-    if prev_value is None or value >= prev_value - cfg.promotion.min_delta:
+                                 f"forced (promotion.force); {metric} {shown}", interval)
+    if problem and rule != "point":
+        return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
+                                 f"cannot compare: {problem}; kept v{prev}")
+    ok, why = passes(rule, cfg.promotion.min_delta, value, prev_value, interval)
+    if rule == "point":
+        why = f"{metric} {why.replace('reference', f'reference v{prev}', 1)}" + (f"; {interval.text()}" if interval else "")
+    else:
+        shown = "(no value)" if prev_value is None else f"{prev_value:.4f}"
+        why = f"{metric} {value:.4f} vs reference v{prev} {shown}, {why}, margin {cfg.promotion.min_delta:g}"
+    if ok:
         for guard in cfg.promotion.guards:
             failed = _guard_problem(guard, metrics or {}, current, prev)
             if failed:
                 return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
-                                         f"{metric} {value:.4f} passed, but {failed}; kept v{prev}")
+                                         f"{metric} {value:.4f} passed, but {failed}; kept v{prev}", interval)
         guarded = "".join(f"; guard {g.metric} held" for g in cfg.promotion.guards)
-        return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
-                                 f"{metric} {value:.4f} >= reference v{prev} {prev_value} - "
-                                 f"min_delta {cfg.promotion.min_delta:g}{guarded}")
-    return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
-                             f"{metric} {value:.4f} < reference v{prev} {prev_value:.4f} - "
-                             f"min_delta {cfg.promotion.min_delta:g}; kept v{prev}")
+        return PromotionDecision(True, str(candidate.version), prev, value, prev_value, why + guarded, interval)
+    return PromotionDecision(False, str(candidate.version), prev, value, prev_value, f"{why}; kept v{prev}", interval)
 
 
 def _guard_problem(guard: Any, metrics: dict[str, float], current: Any, prev: str | None) -> str | None:
@@ -343,8 +412,10 @@ def lineage(tracker: Tracker, version: str | None = None) -> list[str]:
         b = client.get_model_version(base, base_v)
         ref = b.tags.get(T_REFERENCE, "none")
         guided = "NTP, no reference" if ref in ("none", "") else f"guided by {rl} v{ref}"
-        lines.append(f"  ← {base} v{base_v} (round {b.tags.get(T_ROUND, '?')}, {guided}; "
-                     f"data {b.tags.get(T_DATA, '?')})")
+        data = f"data {b.tags.get(T_DATA, '?')}"
+        if T_DATA_SLICE in b.tags:
+            data += f", slice {b.tags[T_DATA_SLICE]}" + (f" ({b.tags[T_DATA_EPOCHS]})" if b.tags.get(T_DATA_EPOCHS) else "")
+        lines.append(f"  ← {base} v{base_v} (round {b.tags.get(T_ROUND, '?')}, {guided}; {data})")
         if ref in ("none", ""):
             lines.append(f"  ← pre-anneal base {b.tags.get(T_BASE_SOURCE, '?')}")
             break
