@@ -372,8 +372,11 @@ def run_cmd(
     _print_comparison(cfg)
 
 
-def _print_comparison(cfg: FlywheelConfig, prefix: str = "post/") -> None:
-    """The rounds table (RL-model metrics by default; prefix "" for every metric) and its plot."""
+ROUND_TABLE = ("post/", "remit/", "dynamics/")  # the RL model's scores, the weights of its anneal, its KL to the guide
+
+
+def _print_comparison(cfg: FlywheelConfig, prefix: str | tuple[str, ...] = ROUND_TABLE) -> None:
+    """The rounds table (RL-model metrics and the guidance's dynamics by default; "" for every metric), its plot."""
     from flywheel.tracking.compare import compare as run_compare
     from flywheel.tracking.store import open_tracker
 

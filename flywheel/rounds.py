@@ -318,9 +318,6 @@ def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind
     if not is_main_rank():  # lm-eval splits the requests over a launched job's ranks and gathers on rank 0
         evaluate(cfg, checkpoint, kind=kind)
         return {}
-    dynamics = {}
-    if kind == "post" and p.get("reference_path"):  # how far this round's RL model moved from its guide
-        dynamics = round_kl(cfg, p, checkpoint)
     manifest = Path(checkpoint) / "flywheel-manifest.json"
     memo = None
     if manifest.exists():
@@ -348,7 +345,8 @@ def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind
             tracker.log_artifact(run, Path(items), "eval")
             items_uri = tracker.artifact_uri(run, f"eval/{Path(items).name}")
     log_round_metrics(tracker, p["round"], metrics, kind)
-    log_round_values(tracker, p["round"], dynamics)
+    if kind == "post" and p.get("reference_path"):  # how far this round's RL model moved from its guide
+        log_round_values(tracker, p["round"], round_kl(cfg, p, checkpoint))
     return {"metrics": metrics, "items_uri": items_uri}
 
 

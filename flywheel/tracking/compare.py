@@ -47,7 +47,7 @@ def _gate_cell(tags: dict[str, str]) -> str:
     return f"{delta:+.4f} ± {(high - low) / 2:.4f}"
 
 
-def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str = "") -> Comparison:
+def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str | tuple[str, ...] = "") -> Comparison:
     """Read every round's metrics from MLflow, tabulate deltas vs the previous round and round 0, plot, log both."""
     runs = tracker.round_runs()
     values = {n: {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)} for n, r in sorted(runs.items())}
