@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 	@command -v bwrap >/dev/null || { echo "== installing bubblewrap (sandbox for code rewards; best effort)"; \
 	  (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || sudo -n apt-get install -y -qq bubblewrap >/dev/null 2>&1) \
 	  || echo "   bubblewrap not installed: code rewards fall back to unshare without file-system isolation"; }
+	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "== installing postgresql (Debian's server binaries for the team-server test; best effort)"; \
+	  (apt-get install -y -qq postgresql >/dev/null 2>&1 \
+	   || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1) \
+	   || sudo -n apt-get install -y -qq postgresql >/dev/null 2>&1) \
+	  || echo "   postgresql not installed: tests/test_team_server.py skips (and fails on CI)"; }
 	@echo "== installing flywheel[dev]"
 	@$(PIP) -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import flywheel.cli, trl, lm_eval, mlflow, prefect" || { echo "install failed"; exit 1; }

@@ -126,3 +126,30 @@ class QuietUserErrors(logging.Filter):
         if exc is not None and (isinstance(exc, FlywheelError) or is_permanent_os_error(exc)):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+# --- a team server's database (PostgreSQL) ------------------------------------------------------
+
+
+def database_error_sentence(uri: str, message: str, user: str | None = None, host: str | None = None,
+                            port: int | None = None, database: str | None = None) -> str:
+    """One sentence for a tracking store whose database refused the connection (`message`: the driver's text).
+
+    `uri` must already have its password masked: the sentence is printed and logged.
+    """
+    where = f"{host or 'localhost'}:{port or 5432}"
+    head = f"tracking store {uri}"
+    text = message.lower()
+    if "password authentication failed" in text or "no password supplied" in text:
+        return (f"{head}: PostgreSQL at {where} refused the password of user '{user}'; put the right one in "
+                "MLFLOW_TRACKING_URI (credentials belong in the environment, never in the config file)")
+    if f'database "{database}" does not exist' in text:
+        return (f"{head}: the database '{database}' does not exist on {where}; create it "
+                f"(createdb -h {host} -p {port} -U {user} {database}) or fix the database name in the URI")
+    if any(s in text for s in ("connection refused", "could not connect", "timeout expired", "timed out",
+                               "could not translate host name", "name or service not known", "no route to host",
+                               "network is unreachable")):
+        return (f"{head}: cannot reach the PostgreSQL server at {where}; start it, or fix the host and port in "
+                "tracking.uri / MLFLOW_TRACKING_URI")
+    first = message.strip().splitlines()[0] if message.strip() else "no reason given"
+    return f"{head}: PostgreSQL at {where} refused the connection ({first}); check the URI and the server's log"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import configparser
 import json
+import re
+import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -21,12 +26,103 @@ def test_prefect_yaml_declares_both_deployments_on_a_process_pool():
     assert deps["flywheel-scheduled"]["schedules"][0]["cron"].count(" ") == 4
 
 
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
 def test_docker_compose_has_prefect_mlflow_postgres_and_s3():
-    doc = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(doc["services"])
-    assert "postgresql://" in doc["services"]["mlflow"]["command"]
-    assert "s3://" in doc["services"]["mlflow"]["command"]
-    assert (DEPLOY / doc["services"]["prefect-worker"]["build"]["dockerfile"].removeprefix("deploy/")).exists()
+    doc = _compose()
+    services = doc["services"]
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
+    mlflow = services["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert "--backend-store-uri" in mlflow["command"] and "--artifacts-destination s3://" in mlflow["command"]
+    assert "--serve-artifacts" in mlflow["command"]
+    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://")
+    for name in ("mlflow", "prefect-worker"):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).exists(), build
+    # the prefect database the server needs is created when the postgres volume is first initialised
+    init = [m for m in services["postgres"]["volumes"] if m.endswith(":/docker-entrypoint-initdb.d:ro")][0]
+    assert "CREATE DATABASE prefect" in "".join(
+        p.read_text() for p in (DEPLOY / init.split(":")[0]).glob("*.sql"))
+
+
+SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING", "ACCESS_KEY", "SECRET_KEY")
+
+
+def _interpolated(text: str) -> set[str]:
+    """The variables a compose value takes from the env file: ${NAME}, ${NAME:?...}, ${NAME:-...} ($$ escapes)."""
+    return set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", text))
+
+
+def test_docker_compose_takes_every_secret_from_the_uncommitted_env_file():
+    doc = _compose()
+    for name, service in doc["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if any(word in key for word in SECRET_WORDS) or "://" in str(value) and "@" in str(value):
+                assert _interpolated(str(value)), f"{name}.{key} is written in the file: {value}"
+        command = str(service.get("command", ""))
+        assert not re.search(r"://[^:/\s]+:[^$@\s]+@", command), f"{name}: a password written into its command"
+    required = {"POSTGRES_PASSWORD", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET",
+                "PREFECT_AUTH_STRING"}
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for var in required:  # compose refuses to start without them instead of running with an empty secret
+        assert re.search(r"\$\{" + var + r":\?", text), var
+    example = {line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines()
+               if "=" in line and not line.lstrip().startswith("#")}
+    assert _interpolated(text) - {"MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD"} <= example
+    ignored = [line.strip() for line in (DEPLOY.parent / ".gitignore").read_text().splitlines()]
+    assert "deploy/.env" in ignored  # git never sees the real secrets
+    assert "deploy/.env" in (DEPLOY / "Dockerfile.worker.dockerignore").read_text().split()
+    assert (DEPLOY / "Dockerfile.mlflow.dockerignore").read_text().split()[-1] == "*"
+
+
+def test_docker_compose_turns_on_mlflow_basic_auth_and_prefect_api_auth():
+    services = _compose()["services"]
+    mlflow = services["mlflow"]
+    assert "--app-name basic-auth" in mlflow["command"]
+    env = mlflow["environment"]
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(env)
+    ini = configparser.ConfigParser()
+    mount = [v for v in mlflow["volumes"] if v.endswith(":" + env["MLFLOW_AUTH_CONFIG_PATH"] + ":ro")][0]
+    ini.read(DEPLOY / mount.split(":")[0])
+    assert "admin_password" not in ini["mlflow"] and ini["mlflow"]["database_uri"].startswith("sqlite:////")
+    assert _interpolated(services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]) == \
+        _interpolated(services["prefect-worker"]["environment"]["PREFECT_API_AUTH_STRING"]) == {"PREFECT_AUTH_STRING"}
+    worker = services["prefect-worker"]["environment"]
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(worker)
+
+
+def test_docker_compose_binds_every_published_port_to_loopback():
+    services = _compose()["services"]
+    published = [(name, str(p)) for name, s in services.items() for p in s.get("ports", [])]
+    assert published, "the servers publish their ports"
+    for name, port in published:
+        assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name}: {port}"
+    assert "ports" not in services["postgres"] and "ports" not in services["prefect-worker"]
+
+
+def test_worker_image_installs_the_project_with_its_locked_dependencies():
+    dockerfile = (DEPLOY / "Dockerfile.worker").read_text()
+    assert "-r deploy/requirements.lock" in dockerfile and "-c deploy/requirements.lock torch" in dockerfile
+    assert "--no-deps -e ." in dockerfile  # nothing beyond the lock gets resolved for the project itself
+    assert re.search(r"^USER (?!root)", dockerfile, re.M)
+    pins = {}
+    for line in (DEPLOY / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), line
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in deploy/requirements.lock: run deploy/lock.py"
+        assert req.specifier.contains(pins[name], prereleases=True), f"lock {name}=={pins[name]} outside {dep}"
+    dev = {canonicalize_name(Requirement(d).name) for d in project["optional-dependencies"]["dev"]}
+    assert not dev & set(pins), dev & set(pins)
 
 
 def test_kubernetes_job_template_is_valid_json_with_a_job_manifest():

@@ -198,6 +198,32 @@ class Tracker:
         return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
+def check_database(uri: str) -> None:
+    """Connect once to a PostgreSQL store, briefly: a closed port or a wrong password is one sentence here,
+    where MLflow itself retries for about 100 s and then prints a traceback."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import NoSuchModuleError, OperationalError
+
+    from flywheel.errors import FlywheelError, database_error_sentence
+
+    url = make_url(uri)
+    shown = url.render_as_string(hide_password=True)
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 10})
+    except (ModuleNotFoundError, NoSuchModuleError) as exc:
+        raise FlywheelError(f"tracking store {shown}: its database driver is not installed ({exc}); "
+                            "pip install psycopg2-binary (or name another driver: postgresql+psycopg://)") from None
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        raise FlywheelError(database_error_sentence(shown, str(exc.orig), url.username, url.host, url.port,
+                                                    url.database)) from None
+    finally:
+        engine.dispose()
+
+
 def open_tracker(cfg: FlywheelConfig) -> Tracker:
     """Connect to the flywheel's tracking store, creating the experiment (and the embedded store) once."""
     from mlflow import MlflowClient
@@ -205,6 +231,8 @@ def open_tracker(cfg: FlywheelConfig) -> Tracker:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        check_database(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(cfg.name)
     if exp is not None:
