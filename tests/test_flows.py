@@ -150,6 +150,20 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
     assert base2.tags["flywheel.reference_version"] == str(round1_rl.version)  # round 2 guided by round 1
     chain = lineage(tracker)
     assert "round 2" in chain[0] and f"guided by served-rl v{round1_rl.version}" in chain[1]
+    # fresh data each round (data.per_round next_slice), the paired gate's numbers, the guidance's dynamics
+    bases = tracker.client.search_model_versions("name = 'served-base'")
+    assert sorted(v.tags["flywheel.data_slice"] for v in bases) == ["0", "1", "2"]
+    assert len({v.tags["flywheel.data_fingerprint"] for v in bases}) == 3 and ", slice 2 (" in chain[1]
+    for v in versions:
+        assert v.tags["flywheel.promotion.rule"] == "noninferior"
+        if v.tags["flywheel.round"] != "0":  # round 0 is the first reference: nothing to pair with
+            low, high = float(v.tags["flywheel.promotion.ci_low"]), float(v.tags["flywheel.promotion.ci_high"])
+            assert low <= float(v.tags["flywheel.promotion.delta"]) <= high
+            assert v.tags["flywheel.promotion.items"] == "10"  # 5 items of each of the two world tasks
+    summary = tracker.summary_run()
+    steps = {m: sorted(x.step for x in tracker.client.get_metric_history(summary, m))
+             for m in ("remit/weight_std", "remit/clip_high", "dynamics/kl_to_reference")}
+    assert steps == {"remit/weight_std": [0, 1, 2], "remit/clip_high": [0, 1, 2], "dynamics/kl_to_reference": [1, 2]}
 
 
 def _weights(folder: Path):

@@ -125,6 +125,8 @@ def test_two_rounds_leave_tags_aliases_and_lineage(tracker, checkpoints):
     assert chain[0].startswith(f"fw-rl v{r1.version} (round 1")
     assert f"guided by fw-rl v{r0.version}" in chain[1]
     assert "NTP, no reference" in chain[3] and chain[-1].startswith("  ← pre-anneal base world:nano")
+    with pytest.raises(FlywheelError, match=r"^fw-rl: version 99 does not exist; run `flywheel lineage CONFIG`"):
+        lineage(tracker, "99")
     stages = {r.data.tags["flywheel.stage"] for r in tracker.stage_runs(1)}
     assert stages == {"midtrain", "posttrain/sft", "evaluate/post", "promote"}
     midtrain_run = next(r for r in tracker.stage_runs(1) if r.data.tags["flywheel.stage"] == "midtrain")

@@ -399,9 +399,17 @@ def lineage(tracker: Tracker, version: str | None = None) -> list[str]:
         version = str(cur.version)
     lines: list[str] = []
     seen: set[str] = set()
+    from mlflow.exceptions import MlflowException
+
     while version and version not in seen:
         seen.add(version)
-        v = client.get_model_version(rl, version)
+        try:
+            v = client.get_model_version(rl, version)
+        except MlflowException as exc:
+            if not _not_found(exc):
+                raise
+            raise FlywheelError(f"{rl}: version {version} does not exist; run `flywheel lineage CONFIG` without "
+                                "--version for the current reference's chain") from None
         rnd = v.tags.get(T_ROUND, "?")
         promo = v.tags.get(T_PROMOTION, "not yet decided")
         lines.append(f"{rl} v{version} (round {rnd}; {promo})")
