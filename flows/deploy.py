@@ -8,14 +8,33 @@ DEFAULT_CRON = "0 3 * * *"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
+def form_notes(config: str) -> dict[str, str]:
+    """Each override's value in the config file, appended to its description in the Prefect UI form."""
+    from flywheel.config import load_config
+
+    mt = load_config(config).midtrain
+    eps = "none (no clip)" if mt.epsilon is None else f"{mt.epsilon:g}"
+    return {"objective": mt.objective, "token_budget": f"{mt.token_budget:,}", "epsilon": eps}
+
+
+def with_form_notes(deployment, config: str):  # noqa: ANN001, ANN201 - a RunnerDeployment
+    """The deployment with "In the config when deployed: …" after each override's description."""
+    props = deployment._parameter_openapi_schema.properties
+    for name, value in form_notes(config).items():
+        if name in props:
+            props[name]["description"] = f"{props[name].get('description', '')} In the config when deployed: {value}."
+    return deployment
+
+
 def runner_deployments(config: str, cron: str = DEFAULT_CRON) -> list:
     """Both deployments for `prefect.serve` (a local process serves them; no work pool needed)."""
     from flows.round import flywheel_round
 
     config = str(Path(config).resolve())
     return [
-        flywheel_round.to_deployment(name="flywheel-round", parameters={"config": config},
-                                     description="Run one flywheel round; the form overrides config fields."),
+        with_form_notes(flywheel_round.to_deployment(
+            name="flywheel-round", parameters={"config": config},
+            description="Run one flywheel round; the form overrides config fields."), config),
         flywheel_round.to_deployment(name="flywheel-scheduled", parameters={"config": config}, cron=cron,
                                      description="The next round, on a schedule; the registry decides which."),
     ]
@@ -52,14 +71,16 @@ def ensure_work_pool(name: str) -> bool:
 
 def deploy(config: str, work_pool: str, cron: str = DEFAULT_CRON) -> list[str]:
     """Register both deployments with the server at PREFECT_API_URL, on a process work pool."""
+    from prefect import deploy as deploy_to_pool
     from prefect import flow
 
     config = str(Path(config).resolve())
     ensure_work_pool(work_pool)
-    ids = []
+    deployments = []
     for name, schedule in (("flywheel-round", None), ("flywheel-scheduled", cron)):
         remote = flow.from_source(source=str(PROJECT_DIR), entrypoint="flows/round.py:flywheel_round")
-        ids.append(str(remote.deploy(name=name, work_pool_name=work_pool, parameters={"config": config},
-                                     cron=schedule, build=False, push=False, print_next_steps=False,
-                                     ignore_warnings=True)))
-    return ids
+        dep = remote.to_deployment(name=name, parameters={"config": config}, cron=schedule)
+        deployments.append(with_form_notes(dep, config) if name == "flywheel-round" else dep)
+    ids = deploy_to_pool(*deployments, work_pool_name=work_pool, build=False, push=False,
+                         print_next_steps_message=False, ignore_warnings=True)
+    return [str(i) for i in ids]

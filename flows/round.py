@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import rounds
 from flywheel.config import FlywheelConfig, LaunchSpec, load_config, validate_config
+from flywheel.console import stage_line, stage_log_path, stage_summary, tell, trainer_progress
 from flywheel.errors import FlywheelError, is_permanent_os_error
 from flywheel.launch import launched
 from flywheel.safety import ProgressLog
@@ -47,9 +48,18 @@ STAGE = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _no_retry
          "cache_policy": NO_CACHE}
 
 
-def LogProgress(name: str) -> ProgressLog:  # noqa: N802 - reads as the callback class it returns
-    """Training progress into the Prefect run log, about ten lines per stage."""
-    return ProgressLog(name, lambda message: get_run_logger().info(message))
+class LogProgress(ProgressLog):
+    """Training progress into the Prefect run log, about ten lines per stage, and onto the terminal's stage line."""
+
+    def __init__(self, name: str):
+        super().__init__(name, lambda message: get_run_logger().info(message))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer_progress(args, state)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        trainer_progress(args, state, logs)
 
 
 def _cfg(config: dict[str, Any]) -> FlywheelConfig:
@@ -72,15 +82,21 @@ def _launch(cfg: FlywheelConfig, stage: str) -> LaunchSpec:
 
 def _stage(config: dict[str, Any], stage: str, plan: dict[str, Any],
            here: Callable[[FlywheelConfig], dict[str, Any]], label: str | None = None, **args: Any) -> dict[str, Any]:
-    """Run a stage in this process (launch kind local) or as a launched job whose result is read back."""
+    """Run a stage in this process (launch kind local) or as a launched job whose result is read back.
+
+    Under `flywheel demo | round | run` the terminal shows the stage's live line, then its result line."""
     cfg = _cfg(config)
-    if stage == "score_reference" and not rounds.needs_scoring(cfg, plan):
-        return {"cache": None}  # nothing to score (an NTP round, online mode): no job to launch
-    spec = _launch(cfg, stage)
-    if spec.kind == "local":
-        return here(cfg)
-    logger = get_run_logger()
-    return launched(cfg, stage, {"config": config, "plan": plan, **args}, spec, logger.info, label=label)
+    name = f"{stage}/{args['kind']}" if "kind" in args else stage
+    log = stage_log_path(cfg.home, cfg.name, plan["round"], name)
+    with stage_line(plan["round"], name, stage_summary(cfg, stage), log=log) as line:
+        if stage == "score_reference" and not rounds.needs_scoring(cfg, plan):
+            return line.done({"cache": None})  # nothing to score (an NTP round, online mode): no job to launch
+        spec = _launch(cfg, stage)
+        if spec.kind == "local":
+            return line.done(here(cfg))
+        logger = get_run_logger()
+        return line.done(launched(cfg, stage, {"config": config, "plan": plan, **args}, spec,
+                                  line.say(logger.info), label=label))
 
 
 @task(name="plan-round")
@@ -115,7 +131,9 @@ def posttrain_task(config: dict[str, Any], plan: dict[str, Any], base: dict[str,
 @task(name="promote", **STAGE)
 def promote_task(config: dict[str, Any], plan: dict[str, Any], rl: dict[str, Any],
                  post_eval: dict[str, Any]) -> dict[str, Any]:
-    return rounds.stage_promote(_cfg(config), plan, rl, post_eval)
+    cfg = _cfg(config)
+    with stage_line(plan["round"], "promote", stage_summary(cfg, "promote")) as line:
+        return line.done(rounds.stage_promote(cfg, plan, rl, post_eval))
 
 
 def concurrency_limit_name(cfg: FlywheelConfig) -> str:
@@ -211,11 +229,15 @@ def clean_up_after(stale: list[dict[str, Any]], say: Callable[[str], None]) -> N
             say(f"a previous trigger died without finishing: {what}; its round is resumed")
 
 
+AS_CONFIGURED = "as configured"  # the form's first choice: keep the config file's value
+Objective = Literal["as configured", "ntp", "remit", "kd", "rho1"]  # a list to pick from, not a free text box
+
+
 def apply_overrides(cfg: FlywheelConfig, objective: str | None, token_budget: int | None,
                     epsilon: float | None, force_promotion: bool) -> FlywheelConfig:
     """The few fields the Prefect UI form can change for one run, validated like the YAML."""
     data = cfg.model_dump(mode="json")
-    if objective is not None:
+    if objective not in (None, AS_CONFIGURED):
         data["midtrain"]["objective"] = objective
     if token_budget is not None:
         data["midtrain"]["token_budget"] = token_budget
@@ -230,15 +252,23 @@ def apply_overrides(cfg: FlywheelConfig, objective: str | None, token_budget: in
 def flywheel_round(
     config: str = "configs/demo.yaml",
     round: int | None = None,
-    objective: Literal["ntp", "remit", "kd", "rho1"] | None = None,
+    objective: Objective = AS_CONFIGURED,
     token_budget: int | None = None,
     epsilon: float | None = None,
     force_promotion: bool = False,
 ) -> dict[str, Any]:
     """One flywheel round: score reference → mid-train → evaluate base → post-train → evaluate RL → promote.
 
-    With no `round`, the registry decides (what a scheduled run does). The optional fields
-    override the config file for this run only.
+    With no `round`, the registry decides (what a scheduled run does). The other fields
+    override the config file for this run only, validated like the file.
+
+    Args:
+        config: The flywheel's YAML config, as a path on the machine that runs the round.
+        round: Which round to run; empty runs the next one, as the registry says.
+        objective: The mid-training objective of this run; "as configured" keeps the config's.
+        token_budget: Mid-training tokens of this run; empty keeps the config's midtrain.token_budget.
+        epsilon: ReMiT's clip of this run (weights in [1-ε, 1+ε]); empty keeps the config's midtrain.epsilon.
+        force_promotion: Promote this round's RL model whatever the promotion gate decides.
     """
     logger = get_run_logger()
     cfg = apply_overrides(load_config(config), objective, token_budget, epsilon, force_promotion)
@@ -248,9 +278,9 @@ def flywheel_round(
 
     # The next round is decided inside the slot, so two triggers become two rounds and a rerun after a kill
     # re-enters the killed round.
-    with RoundSlot(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, say=logger.info) as slot:
-        clean_up_after(slot.stale, logger.warning)  # first: frees a dead holder's server lease at once
-        with server_slot(cfg, slot, logger.info):
+    with RoundSlot(cfg, flow_run_id=str(flow_run.id) if flow_run.id else None, say=tell(logger.info)) as slot:
+        clean_up_after(slot.stale, tell(logger.warning))  # first: frees a dead holder's server lease at once
+        with server_slot(cfg, slot, tell(logger.info)):
             return _round_in_slot(cfg, data, round)
 
 
@@ -259,11 +289,11 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
     logger = get_run_logger()
     plan = plan_round_task(data, round)
     if plan["finished"]:
-        logger.info("round %s is finished already (RL version %s); nothing to do", plan["round"],
-                    plan["rl_version"])
+        tell(logger.info)("round %s is finished already (RL version %s); nothing to do", plan["round"],
+                          plan["rl_version"])
         return plan
-    logger.info("round %d%s: %s", plan["round"], " (resumed)" if plan.get("resumed") else "",
-                f"ReMiT guided by {plan['reference_version']}" if plan["reference_version"] else "NTP (round 0)")
+    tell(logger.info)("round %d%s: %s", plan["round"], " (resumed)" if plan.get("resumed") else "",
+                      f"ReMiT guided by {plan['reference_version']}" if plan["reference_version"] else "NTP (round 0)")
     score_reference_task(data, plan)
     base = midtrain_task(data, plan)
     if base.get("note"):

@@ -17,9 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.env import apply_offline_env
+from flywheel.env import apply_cli_env, apply_offline_env, hub_references
 
-apply_offline_env()
+# Telemetry off before anything imports MLflow or Prefect; the offline switch waits for main(), which reads the
+# config first (a hub config must reach the hub, the tiny world never does).
+apply_offline_env(offline=False)
 
 from flywheel.config import (  # noqa: E402
     WORLD_SIZES,
@@ -309,11 +311,16 @@ def ui(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
     prefect_port: Annotated[int, typer.Option(help="Port of the Prefect UI.")] = 4200,
 ) -> None:
-    """Start the MLflow and Prefect UIs on 127.0.0.1 against the embedded stores; Ctrl-C stops both."""
+    """Start the MLflow and Prefect UIs on 127.0.0.1 against the embedded stores; Ctrl-C, SIGTERM or SIGHUP stops both.
+
+    Exits 0 after Ctrl-C, 143 after SIGTERM and 129 after SIGHUP (128 + the signal), with both servers stopped.
+    """
     cfg = _load(config)
     from flywheel.tracking.ui import serve_uis
 
-    serve_uis(cfg, mlflow_port, prefect_port, console.print)
+    code = serve_uis(cfg, mlflow_port, prefect_port, console.print)
+    if code:
+        raise typer.Exit(code)
 
 
 def _exit_cleanly_on_sigterm() -> None:
@@ -342,33 +349,57 @@ def _prefect_env(cfg: FlywheelConfig) -> None:
     os.environ.setdefault("FLYWHEEL_HOME", str(cfg.home))
 
 
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show every library's output (Trainer logs, "
+                       "progress bars, warnings, Prefect's lines) instead of one line per stage.")]
+
+
+def _world_quietly(cfg: FlywheelConfig, ladder: bool = True):  # noqa: ANN202 - BuildReport, imported lazily
+    """Build (or reuse) the tiny world with its output in `home/logs/<name>/world.log` (unless --verbose)."""
+    from flywheel.console import quiet_step
+    from flywheel.world.build import build_world
+
+    with quiet_step(cfg.home, cfg.name, "world"):
+        return build_world(cfg, ladder=ladder)
+
+
 @app.command("round")
 def round_cmd(
     config: ConfigArg,
     round_n: Annotated[int | None, typer.Option("--round", help="Round number (default: the registry's next).")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Run one flywheel round through the Prefect flow."""
+    """Run one flywheel round through the Prefect flow: one line per stage; each stage's log under home/logs."""
     cfg = _load(config)
     _prefect_env(cfg)
-    from flows.round import flywheel_round
+    from flywheel.console import quiet_terminal
 
-    result = flywheel_round(str(config), round=round_n)
-    console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"))
+    with quiet_terminal(verbose):
+        from flows.round import flywheel_round
+
+        result = flywheel_round(str(config), round=round_n)
+    console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"),
+                  soft_wrap=True)
     if (result.get("base") or {}).get("note"):
-        console.print(f"note: {result['base']['note']}")
+        console.print(f"note: {result['base']['note']}", soft_wrap=True)
 
 
 @app.command("run")
 def run_cmd(
     config: ConfigArg,
     rounds: Annotated[int, typer.Option(help="Run rounds until this many exist (round 0 included).")] = 3,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Build the world if needed, then run rounds until N exist; running again with a larger N continues."""
     cfg = _load(config)
     _prefect_env(cfg)
-    from flows.round import flywheel
+    from flywheel.console import quiet_terminal
 
-    flywheel(str(config), rounds_total=rounds)
+    with quiet_terminal(verbose):
+        if cfg.uses_world():
+            _world_quietly(cfg, ladder=False)  # the flow reuses it
+        from flows.round import flywheel
+
+        flywheel(str(config), rounds_total=rounds)
     _print_comparison(cfg)
 
 
@@ -457,24 +488,25 @@ def ablate(
 
 
 @app.command()
-def demo(config: ConfigArg = Path("configs/demo.yaml")) -> None:
+def demo(config: ConfigArg = Path("configs/demo.yaml"), verbose: VerboseOpt = False) -> None:
     """Offline demo: build the tiny world, run rounds 0, 1 (ReMiT-1) and 2 (ReMiT-2), print the comparison."""
     import time
+
+    from flywheel.console import quiet_terminal
 
     t0 = time.perf_counter()
     cfg = _load(config)
     _print_summary(cfg, f"{config}")
     _prefect_env(cfg)
-    from flywheel.world.build import build_world
+    with quiet_terminal(verbose):
+        _print_world_report(_world_quietly(cfg))
+        from flows.round import flywheel
 
-    _print_world_report(build_world(cfg))
-    from flows.round import flywheel
-
-    results = flywheel(str(config), rounds_total=3)
+        results = flywheel(str(config), rounds_total=3)
     _print_comparison(cfg)
     for r in results:
         if (r.get("base") or {}).get("note"):
-            console.print(f"note: {r['base']['note']}")
+            console.print(f"note: {r['base']['note']}", soft_wrap=True)
     console.print(f"demo took {time.perf_counter() - t0:.0f} s. See every run: flywheel ui {config}")
 
 
@@ -495,14 +527,22 @@ def main(argv: list[str] | None = None) -> int:
     if config_arg is None and words[:2] in (["demo"], ["world", "build"]):
         config_arg = "configs/demo.yaml"  # their default config
     try:
-        if words and words[0] not in ("validate", "lineage", "deploy") and "--help" not in args and config_arg:
+        early = None
+        if words and "--help" not in args and config_arg:
             try:
                 early = load_config(config_arg)
             except FlywheelError:
                 early = None  # the command itself reports why it does not load
-            if early is not None:
-                check_home_writable(early)  # before any work, so nothing is half-written
-        app(args=args, standalone_mode=False)
+        # Before transformers, datasets or huggingface_hub is imported (they read it once): offline unless the
+        # config (or a --reference/--base option) names something on the hub, or the user set HF_HUB_OFFLINE.
+        options = tuple(a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else None)
+                        for i, a in enumerate(args) if a.partition("=")[0] in ("--reference", "--base"))
+        apply_cli_env(bool(early is not None and hub_references(early, options)))
+        if early is not None and words[0] not in ("validate", "lineage", "deploy"):
+            check_home_writable(early)  # before any work, so nothing is half-written
+        code = app(args=args, standalone_mode=False)  # click returns a typer.Exit's code here instead of raising
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            return code  # `flywheel ui`: 143 after SIGTERM, 129 after SIGHUP
     except ConfigError as exc:
         where = f"{exc.source}: " if exc.source else ""
         for problem in exc.problems:

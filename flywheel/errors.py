@@ -153,3 +153,54 @@ def database_error_sentence(uri: str, message: str, user: str | None = None, hos
                 "tracking.uri / MLFLOW_TRACKING_URI")
     first = message.strip().splitlines()[0] if message.strip() else "no reason given"
     return f"{head}: PostgreSQL at {where} refused the connection ({first}); check the URI and the server's log"
+
+
+# --- the Hugging Face Hub ------------------------------------------------------------------------
+
+_HUB_NETWORK_ERRORS = frozenset({"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout",
+                                 "ReadTimeout", "TimeoutException", "NetworkError", "ProxyError", "gaierror"})
+_HUB_NETWORK_TEXT = ("couldn't connect to", "couldn't reach", "offlinemodeisenabled", "is not cached in",
+                     "name or service not known", "network is unreachable", "connection refused")
+
+
+def hub_reason(exc: BaseException, offline_switch: str | None,
+               endpoint: str = "https://huggingface.co") -> tuple[str, str] | None:
+    """Why a fetch from the Hugging Face Hub failed: (kind, a few words), or None when `exc` is no hub failure.
+
+    kind is offline, network, missing, gated or revision. `offline_switch` names the variable that keeps this
+    process offline ("HF_HUB_OFFLINE=1"), None when online. huggingface_hub, transformers and datasets wrap their
+    errors differently, so the chain is read by class name (no import needed) and, where a wrapper kept only the
+    text, by the words they use.
+    """
+    chain = list(exception_chain(exc))
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    texts = " ".join(str(e) for e in chain).lower()
+    if "GatedRepoError" in names or "you are trying to access a gated repo" in texts:
+        return "gated", "it is gated: accept its terms on its Hub page and log in with `hf auth login`"
+    if "RevisionNotFoundError" in names:
+        return "revision", "the revision does not exist"
+    if "RepositoryNotFoundError" in names or "is not a valid model identifier" in texts:
+        return "missing", "no such repository, or a private one and you are not logged in"
+    if names & _HUB_NETWORK_ERRORS or any(t in texts for t in _HUB_NETWORK_TEXT):
+        if offline_switch:
+            return "offline", f"offline: {offline_switch} is set"
+        return "network", f"no network: cannot reach {endpoint}"
+    return None
+
+
+def hub_error(field: str | None, ref: str, why: tuple[str, str], repo_type: str = "model") -> FlywheelError:
+    """One sentence for a model or dataset the hub did not give: the field, the id, why, and what to do."""
+    kind, words = why
+    head = f"{field}: " if field else ""
+    where = field or "it"
+    dataset = repo_type == "dataset"
+    what = f"the dataset '{ref}'" if dataset else f"'{ref}'"
+    local = "a downloaded .jsonl/.json/.parquet file" if dataset else "a local folder"
+    if kind == "missing":
+        todo = f"check the id (or log in with `hf auth login`) or point {where} at {local}"
+    elif kind == "revision":
+        todo = f"fix model.revision or point {where} at {local}"
+    else:
+        get = f"hf download --repo-type dataset {ref} --local-dir DIR" if dataset else f"hf download {ref}"
+        todo = f"download it first ({get}) or point {where} at {local}"
+    return FlywheelError(f"{head}could not fetch {what} from the Hugging Face Hub ({words}); {todo}")

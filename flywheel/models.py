@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from flywheel.config import FlywheelConfig
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, hub_error, hub_reason
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -59,6 +59,61 @@ def _folder_problems(path: Path) -> dict[str, str]:
     return problems
 
 
+def _hub_cached(ref: str, repo_type: str) -> bool:
+    """Whether the hub cache (or, for a dataset, datasets' own cache) holds anything of `ref`."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folders = [Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref, repo_type=repo_type) / "snapshots"]
+    if repo_type == "dataset":
+        import datasets
+
+        folders.append(Path(datasets.config.HF_DATASETS_CACHE) / ref.replace("/", "___"))
+    return any(f.is_dir() and any(f.iterdir()) for f in folders)
+
+
+_HUB_SEEN: set[tuple[str, str]] = set()  # (repo type, id) the hub answered for in this process
+
+
+def hub_failure(field: str | None, ref: str, exc: BaseException, repo_type: str = "model") -> FlywheelError | None:
+    """The one sentence for `exc` when it is a failure to fetch `ref` from the hub, else None."""
+    from flywheel.env import offline_switch
+
+    why = hub_reason(exc, offline_switch(repo_type), _hub_endpoint())
+    return None if why is None else hub_error(field, ref, why, repo_type)
+
+
+def _hub_endpoint() -> str:
+    import sys
+
+    hub = sys.modules.get("huggingface_hub.constants")
+    return getattr(hub, "ENDPOINT", "https://huggingface.co")
+
+
+def check_hub_access(field: str | None, ref: str, repo_type: str = "model") -> None:
+    """Online and not cached: ask the hub about `ref` once, without retries, before loading it.
+
+    huggingface_hub retries a refused connection five times per file (about 25 s each, more for a model), with
+    a warning per try; this asks once (HF_HUB_ETAG_TIMEOUT bounds it) and turns no network, an unknown or a
+    private id into one sentence. Offline, or with anything cached, the load itself decides (and is worded by
+    hub_failure).
+    """
+    from flywheel.env import offline_switch
+
+    if offline_switch(repo_type) or (repo_type, ref) in _HUB_SEEN or _hub_cached(ref, repo_type):
+        return
+    from huggingface_hub import HfApi, constants
+
+    try:
+        HfApi().repo_info(ref, repo_type=repo_type, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - a probe: what it cannot word, the load itself meets and reports
+        failure = hub_failure(field, ref, exc, repo_type)
+        if failure is not None:
+            raise failure from None
+        return
+    _HUB_SEEN.add((repo_type, ref))
+
+
 def check_model_folder(cfg: FlywheelConfig, ref: str, needs: tuple[str, ...] = ("config", "weights")) -> None:
     """Fail with one sentence when a local `ref` is not a saved HF checkpoint (hub ids are left to the hub).
 
@@ -71,6 +126,7 @@ def check_model_folder(cfg: FlywheelConfig, ref: str, needs: tuple[str, ...] = (
     if not path.exists():
         if _is_local(ref):
             raise _say(field, ref, "does not exist; point it at a saved HF checkpoint folder")
+        check_hub_access(field, ref)  # a hub id: reachable, or one sentence now
         return
     if not path.is_dir():
         raise _say(field, str(path), "is a file, not a model folder; point it at a saved HF checkpoint folder")
@@ -100,8 +156,11 @@ def load_model(cfg: FlywheelConfig, ref: str, for_training: bool = True):
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
-    except (OSError, ValueError, KeyError) as exc:  # transformers: missing files, unknown model_type, no remote code
-        if isinstance(exc, OSError) and exc.errno is not None:
+    except Exception as exc:  # transformers: missing files, unknown model_type, no remote code; the hub's failures
+        failure = None if _is_local(ref) or ref.startswith("world:") else hub_failure(_field_of(cfg, ref), ref, exc)
+        if failure is not None:
+            raise failure from None
+        if not isinstance(exc, (OSError, ValueError, KeyError)) or (isinstance(exc, OSError) and exc.errno is not None):
             raise  # a disk or permission problem, worded by the CLI
         raise _say(_field_of(cfg, ref), ref, f"could not be loaded as a safetensors causal LM ({_first_line(exc)}); "
                    "point it at a saved HF checkpoint") from None
@@ -119,8 +178,12 @@ def load_tokenizer(cfg: FlywheelConfig, ref: str | None = None):
     check_model_folder(cfg, ref, ("tokenizer",))
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model(cfg, ref), trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless it is one of the worded kinds
+        failure = None if _is_local(ref) or ref.startswith("world:") else hub_failure(_field_of(cfg, ref), ref, exc)
+        if failure is not None:
+            raise failure from None
+        if not isinstance(exc, (OSError, ValueError, KeyError, TypeError)) or (
+                isinstance(exc, OSError) and exc.errno is not None):
             raise
         raise _say(_field_of(cfg, ref), ref, f"has no tokenizer that loads ({_first_line(exc)}); point it at a "
                    "folder with the tokenizer files save_pretrained writes") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import LAUNCH_STAGES, FlywheelConfig
+from flywheel.console import stage_output
 from flywheel.data.io import distributed_rank, fingerprint
 from flywheel.errors import FlywheelError
 from flywheel.failpoints import failpoint
@@ -91,8 +92,22 @@ def plan_round(cfg: FlywheelConfig, round_n: int | None = None) -> dict[str, Any
     }
     tracker.set_tags(tracker.round_run(out["round"]), {T_PLAN: json.dumps(
         {k: out[k] for k in ("reference_version", "base", "base_version")})})
+    tracker.log_new_params(tracker.round_run(out["round"]), round_params(cfg, out))
     record_round(cfg, tracker, out["round"])
     return out
+
+
+def round_params(cfg: FlywheelConfig, p: dict[str, Any]) -> dict[str, str]:
+    """What a round ran with, as the round run's params: MLflow's "show diff only" lists what changed between rounds."""
+    from flywheel.tracking.store import code_version
+
+    rcfg = round_config(cfg, _plan({**p, "reference_path": None}))
+    mt = rcfg.midtrain
+    return {"objective": mt.objective, "epsilon": "none" if mt.epsilon is None else f"{mt.epsilon:g}",
+            "token_budget": str(mt.token_budget), "data_per_round": rcfg.data.per_round,
+            "data_slice": str(rcfg.data.slice), "reference_version": p["reference_version"] or "none",
+            "base": str(p["base"]), "base_version": p["base_version"] or "none",
+            "promotion_rule": rcfg.promotion.rule, "config_hash": cfg.section_hash(), "code_version": code_version()}
 
 
 def round_in_progress(tracker: Tracker) -> tuple[int, dict[str, Any]] | None:
@@ -216,6 +231,7 @@ def needs_scoring(cfg: FlywheelConfig, p: dict[str, Any]) -> bool:
     return mt.objective in ("remit", "rho1") and mt.reference_mode == "cached" and bool(p["reference_path"])
 
 
+@stage_output("score_reference")
 def stage_score_reference(cfg: FlywheelConfig, p: dict[str, Any]) -> dict[str, Any]:
     """Score the mixture with the round's reference (cached mode only; otherwise nothing to do)."""
     rcfg = round_config(cfg, _plan(p))
@@ -234,6 +250,7 @@ def stage_score_reference(cfg: FlywheelConfig, p: dict[str, Any]) -> dict[str, A
     return {"cache": str(rep.cache.folder), "corpus": rep.corpus.key}
 
 
+@stage_output("midtrain")
 def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | None = None) -> dict[str, Any]:
     """Mid-train the round's base and register it as `<name>-base`, tagged with its reference and data."""
     from flywheel.remit.midtrain import midtrain
@@ -257,6 +274,7 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
             tracker.log_artifact(run, res.html, "remit")
         data_tags = slice_tags(rcfg, corpus_key)
         tracker.set_tags(run, data_tags)
+        tracker.log_new_params(tracker.round_run(plan.round), {"data_fingerprint": corpus_key})
         from flywheel.remit.dynamics import round_weight_stats
 
         log_round_values(tracker, plan.round, round_weight_stats(res.metrics.get("log_history", []),
@@ -306,6 +324,7 @@ def _log_source(tracker: Tracker, run: str, cfg: FlywheelConfig, source: str, di
         tracker.log_dataset(run, Path(source), source, digest)
 
 
+@stage_output("evaluate")
 def stage_evaluate(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str, kind: str) -> dict[str, Any]:
     """Evaluate a checkpoint (base: few-shot; post: zero-shot with the chat template) and log round metrics.
 
@@ -373,6 +392,7 @@ def round_kl(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str) -> dict[st
     return out
 
 
+@stage_output("posttrain")
 def stage_posttrain(cfg: FlywheelConfig, p: dict[str, Any], base: dict[str, Any],
                     callbacks: list | None = None) -> dict[str, Any]:
     """Run the TRL chain on the mid-trained base; register the result as the `<name>-rl` candidate."""
@@ -410,7 +430,6 @@ def stage_promote(cfg: FlywheelConfig, p: dict[str, Any], rl: dict[str, Any], po
         d = promote(tracker, candidate, post_eval["metrics"], round_run_id=round_run,
                     items_uri=post_eval.get("items_uri"))
         tracker.set_tags(run, {"promoted": d.promoted, "reason": d.reason})
-    tracker.client.set_terminated(round_run, "FINISHED")  # the round is decided: its run is not left RUNNING
     return {"promoted": d.promoted, "reason": d.reason, "version": d.candidate_version,
             "previous": d.previous_version, "interval": d.interval.to_dict() if d.interval else None}
 

@@ -326,7 +326,8 @@ def test_settings_trl_rejects_are_reported_before_training(small_world, base):
 def test_an_unreachable_hub_dataset_is_one_clear_sentence(small_world, base):
     cfg, _ = small_world
     cfg = pt_config(cfg.home, [{"kind": "sft", "data": "nobody-here/no-such-dataset"}])
-    with pytest.raises(FlywheelError, match=r"nobody-here/no-such-dataset: could not load the hub dataset"):
+    with pytest.raises(FlywheelError, match=r"posttrain\.stages\.0\.data: could not fetch the dataset "
+                                            r"'nobody-here/no-such-dataset' from the Hugging Face Hub \(offline"):
         posttrain(cfg, base)
 
 

@@ -212,3 +212,28 @@ def test_sigterm_to_a_waiting_round_exits_143_and_leaves_no_prefect_server_behin
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_round_runs_hold_the_rounds_params_and_end_failed_then_finished_with_an_end_time(tmp_path, checkpoints):  # noqa: F811
+    cfg = small_config(tmp_path / "h", name="fw")
+    tracker = open_tracker(cfg)
+    plan_round(cfg)
+    params = tracker.round_runs()[0].data.params
+    assert {k: params[k] for k in ("objective", "epsilon", "token_budget", "data_slice", "reference_version",
+                                   "promotion_rule")} == {
+        "objective": "ntp", "epsilon": "0.2", "token_budget": str(cfg.midtrain.token_budget), "data_slice": "0",
+        "reference_version": "none", "promotion_rule": "noninferior"}
+    assert params["config_hash"] == cfg.section_hash() and params["code_version"]
+    simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
+    p1 = plan_round(cfg)
+    run1 = tracker.round_run(1)
+    with pytest.raises(RuntimeError), tracker.stage_run(1, "midtrain"):  # a stage that fails fails its round
+        raise RuntimeError("out of memory")
+    assert tracker.client.get_run(run1).info.status == "FAILED"
+    again = plan_round(cfg)  # the rerun resumes the round; its params stay the ones it started with
+    assert again["resumed"] and again["reference_version"] == p1["reference_version"]
+    simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.35, reference_version="1")
+    info = tracker.client.get_run(run1).info
+    assert info.status == "FINISHED" and info.end_time >= info.start_time
+    params1 = tracker.client.get_run(run1).data.params
+    assert (params1["objective"], params1["data_slice"], params1["reference_version"]) == ("remit", "1", "fw-rl/1")

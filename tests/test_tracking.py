@@ -86,6 +86,7 @@ def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_versio
                                    round_n=round_n, stage="posttrain", key=f"rl-{key}",
                                    tags={T_BASE_VERSION: str(base_v.version), T_BASE_SOURCE: cfg.model.source},
                                    candidate=True)
+    log_round_metrics(tracker, round_n, {"eval/avg": score - 0.05}, "base")
     log_round_metrics(tracker, round_n, {"eval/avg": score, "eval/world_gsm/exact_match": score}, "post")
     if items_uri:  # what stage_evaluate does: the per-item scores are an artefact of the evaluation run
         with tracker.stage_run(round_n, "evaluate/post") as run:
@@ -345,10 +346,22 @@ def test_same_code_works_against_a_real_mlflow_server(tmp_path, checkpoints):
         wait_for_server(f"http://127.0.0.1:{port}/health", server, 90)
         cfg = small_config(tmp_path / "home", name="team", tracking={"uri": f"http://127.0.0.1:{port}"})
         tracker = open_tracker(cfg)
+        from flywheel.rounds import plan_round
+
+        plan_round(cfg)  # what a round records first: its plan and its params
         _, r0, d0 = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)
         assert d0.promoted
         assert next_round(tracker).round == 1
         assert tracker.client.get_model_version_by_alias("team-rl", "reference").version == r0.version
         assert not (tmp_path / "home" / "mlflow").exists()  # nothing went to the embedded store
+        # what MLflow's compare view reads back from the server: a finished round run with an end time, the
+        # round's params, and each score as a curve (base → RL model) that its charts can draw
+        run = tracker.client.get_run(tracker.round_run(0))
+        assert run.info.status == "FINISHED" and run.info.end_time >= run.info.start_time
+        assert run.data.params["objective"] == "ntp" and run.data.params["data_slice"] == "0"
+        curve = tracker.client.get_metric_history(run.info.run_id, "pipeline/eval/avg")
+        assert sorted((m.step, round(m.value, 4)) for m in curve) == [(0, 0.15), (1, 0.2)]
+        summary = tracker.client.get_run(tracker.summary_run()).info
+        assert summary.status == "FINISHED" and summary.end_time
     finally:
         stop([server])

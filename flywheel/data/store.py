@@ -215,7 +215,10 @@ def _hub_texts(src: DataSource, piece: Piece) -> Iterator[str]:
     """Shard `piece.start` of `piece.end` of a streamed hub dataset (never fully downloaded)."""
     import datasets
 
+    from flywheel.models import check_hub_access, hub_failure
+
     try:
+        check_hub_access("data.sources", src.source, "dataset")
         stream = datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True)
         if piece.end > 1:
             stream = stream.shard(num_shards=piece.end, index=piece.start)
@@ -229,9 +232,12 @@ def _hub_texts(src: DataSource, piece: Piece) -> Iterator[str]:
     except FlywheelError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, unknown split: all mean "cannot get it here"
+        failure = hub_failure("data.sources", src.source, exc, "dataset")
+        if failure is not None:
+            raise failure from None
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise FlywheelError(f"{src.source}: could not load the hub dataset (split '{src.split}'): {first}; check "
-                            "the id, or download it while online (HF_DATASETS_OFFLINE is set)") from None
+                            "the id, the subset and the split") from None
 
 
 def piece_texts(src: DataSource, piece: Piece) -> Iterator[str]:

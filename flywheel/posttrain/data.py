@@ -35,8 +35,8 @@ class StageData:
     fingerprint: str
 
 
-def read_source(cfg: FlywheelConfig, ref: str, split: str = "train", subset: str | None = None
-                ) -> tuple[list[dict[str, Any]], str, str]:
+def read_source(cfg: FlywheelConfig, ref: str, split: str = "train", subset: str | None = None,
+                field: str | None = None) -> tuple[list[dict[str, Any]], str, str]:
     """Rows, a display name and a content fingerprint for `world:<corpus>`, a local file, or a hub dataset."""
     if ref.startswith("world:"):
         from flywheel.world.build import resolve_world_ref
@@ -48,7 +48,7 @@ def read_source(cfg: FlywheelConfig, ref: str, split: str = "train", subset: str
         if not path.is_file():
             raise FlywheelError(f"{path}: data file not found; check the path")
         return _read_file(path), str(path), file_fingerprint(path)
-    return _read_hub(ref, split, subset)
+    return _read_hub(ref, split, subset, field)
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -63,15 +63,22 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_hub(ref: str, split: str, subset: str | None) -> tuple[list[dict[str, Any]], str, str]:
+def _read_hub(ref: str, split: str, subset: str | None, field: str | None = None
+              ) -> tuple[list[dict[str, Any]], str, str]:
     import datasets
 
+    from flywheel.models import check_hub_access, hub_failure
+
+    check_hub_access(field, ref, "dataset")  # no network or no such id: one sentence at once, not after retries
     try:
         ds = datasets.load_dataset(ref, subset, split=split)
     except Exception as exc:  # offline, unknown id, unknown split: all mean "cannot get it here"
-        first = str(exc).splitlines()[0]
+        failure = hub_failure(field, ref, exc, "dataset")
+        if failure is not None:
+            raise failure from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise FlywheelError(f"{ref}: could not load the hub dataset (split '{split}'): {first}; check the "
-                            "id, or download it while online (HF_DATASETS_OFFLINE is set)") from None
+                            "id, the subset and the split") from None
     if len(ds) == 0:
         raise FlywheelError(f"{ref}: split '{split}' has no rows; choose another split")
     return ds.to_list(), ref, fingerprint(ref, subset, split, ds._fingerprint)
@@ -184,7 +191,7 @@ def load_stage_data(cfg: FlywheelConfig, ref: str, columns: dict[str, str], kind
                     rewards_need: tuple[str, ...] = (), on_policy: bool = False, split: str = "train",
                     subset: str | None = None) -> StageData:
     """Read, rename, check and shape one stage's data; raises FlywheelError before any training."""
-    rows, source, fp = read_source(cfg, ref, split, subset)
+    rows, source, fp = read_source(cfg, ref, split, subset, field=f"{where}.data")
     rows = rename_columns(rows, columns, source, where)
     needs = needed_columns(kind, rows, rewards_need, on_policy)
     check_columns(rows, needs, source, where, kind)

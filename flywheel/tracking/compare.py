@@ -8,10 +8,20 @@ from pathlib import Path
 
 from flywheel.tracking.store import Tracker
 
+PIPELINE = "pipeline/"  # a round run's scores along its pipeline: step 0 the mid-trained base, step 1 the RL model
+PIPELINE_STEP = {"base": 0, "post": 1}
+
 
 def log_round_metrics(tracker: Tracker, round_n: int, metrics: dict[str, float], kind: str) -> None:
-    """Round-level metrics (`<kind>/<name>`, kind = base or post) on the round run and, with step=N, the summary run."""
+    """Round-level metrics (`<kind>/<name>`, kind = base or post) on the round run and, with step=N, the summary run.
+
+    The round run also gets `pipeline/<name>` at step 0 (base) and 1 (RL model): MLflow's compare charts
+    draw lines only for curves (one point per run is drawn as isolated dots, or bars of zero width), so
+    selecting the round runs draws one line per round, from its mid-trained base to its RL model.
+    """
     log_round_values(tracker, round_n, {f"{kind}/{k}": v for k, v in metrics.items()})
+    tracker.log_metrics(tracker.round_run(round_n), {f"{PIPELINE}{k}": v for k, v in metrics.items()},
+                        step=PIPELINE_STEP[kind])
 
 
 def log_round_values(tracker: Tracker, round_n: int, named: dict[str, float]) -> None:
@@ -50,7 +60,8 @@ def _gate_cell(tags: dict[str, str]) -> str:
 def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str | tuple[str, ...] = "") -> Comparison:
     """Read every round's metrics from MLflow, tabulate deltas vs the previous round and round 0, plot, log both."""
     runs = tracker.round_runs()
-    values = {n: {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)} for n, r in sorted(runs.items())}
+    values = {n: {k: v for k, v in r.data.metrics.items() if k.startswith(prefix) and not k.startswith(PIPELINE)}
+              for n, r in sorted(runs.items())}
     rounds = sorted(values)
     metrics = sorted({k for vals in values.values() for k in vals})
     lines = []

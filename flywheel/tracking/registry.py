@@ -256,6 +256,7 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
         if round_run_id:
             tracker.set_tags(round_run_id, {**gate, T_PROMOTION: verdict,
                                             "flywheel.promoted": str(decision.promoted).lower()})
+            client.set_terminated(round_run_id, "FINISHED")  # decided: a resumed round's run ends here too
     return decision
 
 

@@ -110,8 +110,11 @@ class Tracker:
             self.log_params(run_id, params)
         try:
             yield run_id
-        except BaseException:
-            self.client.set_terminated(run_id, "FAILED")
+        except BaseException as exc:
+            # a stage that fails fails its round (a rerun's promote finishes it); an interrupt kills both
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+            self.client.set_terminated(run_id, status)
+            self.client.set_terminated(parent, status)
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
@@ -146,6 +149,11 @@ class Tracker:
         items = [Param(k, v) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_new_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params the run does not hold yet (MLflow params are write-once: a resumed round keeps its first values)."""
+        held = self.client.get_run(run_id).data.params
+        self.log_params(run_id, {k: v for k, v in flatten(params).items() if k not in held})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
