@@ -412,7 +412,7 @@ def _print_comparison(cfg: FlywheelConfig, prefix: str | tuple[str, ...] = ROUND
     from flywheel.tracking.store import open_tracker
 
     result = run_compare(open_tracker(cfg), prefix=prefix)
-    console.print(result.text, markup=False, highlight=False)
+    console.print(result.text, markup=False, highlight=False, soft_wrap=True)  # a table row is one line
     if result.plot:
         console.print(f"plot: {result.plot}")
 
