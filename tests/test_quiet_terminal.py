@@ -26,7 +26,10 @@ def _flywheel(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def quiet_round(small_world, tmp_path_factory):
     cfg, _ = small_world
-    config = write_config(tmp_path_factory.mktemp("quiet") / "quiet.yaml", cfg.home, "quiet")
+    # its own evaluation limit: an evaluation of the same weights by another test (same seed, same world) would
+    # otherwise be reused from the home's memo, and a reused evaluation prints no progress bar
+    config = write_config(tmp_path_factory.mktemp("quiet") / "quiet.yaml", cfg.home, "quiet",
+                          evaluation={"tasks": ["world"], "limit": 4, "batch_size": 16})
     proc = _flywheel("round", str(config))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return config, cfg.home, proc.stdout + proc.stderr

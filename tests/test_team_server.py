@@ -333,7 +333,7 @@ def _bucket_keys(team: Team) -> list[str]:
 
 
 def test_a_round_triggered_through_prefect_runs_on_the_worker_into_postgres_and_the_bucket(
-        team, round_zero, tmp_path):
+        team, round_zero, tmp_path, monkeypatch):
     import mlflow
     from transformers import AutoModelForCausalLM
 
@@ -349,15 +349,12 @@ def test_a_round_triggered_through_prefect_runs_on_the_worker_into_postgres_and_
     rl_key = "mlflow/" + rl_source.removeprefix("mlflow-artifacts:/").strip("/") + "/model.safetensors"
     assert rl_key in checkpoints, (rl_key, checkpoints)
 
-    # the way a user loads the reference (README), against the team server: models:/ resolves in the registry
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(team.mlflow_url)
-    mlflow.set_registry_uri(team.mlflow_url)
-    try:
-        local = mlflow.artifacts.download_artifacts(f"models:/{NAME}-rl@reference", dst_path=str(tmp_path))
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    # the way a user loads the reference (README), against the team server: models:/ resolves in the registry.
+    # Through the environment, which monkeypatch restores: mlflow.set_tracking_uri also exports it, and putting
+    # "back" its default (a ./mlruns file store) would send every later test's tracker there.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.mlflow_url)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", team.mlflow_url)
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}-rl@reference", dst_path=str(tmp_path))
     in_bucket = team.s3().get_object(Bucket=BUCKET, Key=rl_key)["Body"].read()
     assert (Path(local) / "model.safetensors").read_bytes() == in_bucket
     model = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True)
