@@ -300,8 +300,10 @@ def stage_midtrain(cfg: FlywheelConfig, p: dict[str, Any], callbacks: list | Non
 
 def slice_tags(cfg: FlywheelConfig, corpus_key: str) -> dict[str, str]:
     """Which slice of the mixture's window stream an anneal read, and where it lies in each source's epochs."""
-    meta_path = cfg.home / "cache" / "packed" / corpus_key / "meta.json"
-    sources = json.loads(meta_path.read_text())["sources"] if meta_path.exists() else []
+    from flywheel.data.mixture import PackedCorpus, packed_folder
+
+    corpus = PackedCorpus(packed_folder(cfg, corpus_key), corpus_key)
+    sources = corpus.meta["sources"] if (corpus.folder / "meta.json").exists() else []
     epochs = "; ".join(f"{s['source']} epochs {s.get('epoch_from', 0):.2f}-{s.get('epoch_to', s['epochs']):.2f}"
                        for s in sources)
     return {T_DATA_SLICE: str(cfg.data.slice), **({T_DATA_EPOCHS: epochs} if epochs else {})}
@@ -382,8 +384,8 @@ def round_kl(cfg: FlywheelConfig, p: dict[str, Any], checkpoint: str) -> dict[st
     memo = None
     if manifest.exists() and ref_manifest.exists():
         memo = cfg.home / "evals" / "verified" / (fingerprint(
-            "kl", file_fingerprint(manifest), file_fingerprint(ref_manifest), rcfg.data.slice,
-            rcfg.data.model_dump(mode="json"), rcfg.midtrain.seq_len, rcfg.midtrain.token_budget) + ".json")
+            "kl", file_fingerprint(manifest), file_fingerprint(ref_manifest), rcfg.data.model_dump(mode="json"),
+            rcfg.midtrain.seq_len, rcfg.midtrain.token_budget) + ".json")  # the data section holds the slice
         if memo.exists():
             return json.loads(memo.read_text())
     out = {"dynamics/kl_to_reference": kl_to_reference(cfg, checkpoint, p["reference_path"], heldout_rows(rcfg))}

@@ -150,6 +150,11 @@ class PackedCorpus:
 # --- building -------------------------------------------------------------------------------------
 
 
+def packed_folder(cfg: FlywheelConfig, key: str) -> Path:
+    """Where the mixture with this key keeps its window index and meta.json."""
+    return cfg.home / "cache" / "packed" / key
+
+
 def window_counts(n_windows: int, weights: list[float]) -> list[int]:
     """Windows per source: each within one window of its weighted share, summing to `n_windows`."""
     total = sum(weights)
@@ -225,7 +230,7 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     sources_json = [s.model_dump(mode="json") for s in cfg.data.sources]
     key = fingerprint(MIX_VERSION, tokenizer_id, list(zip(sources_json, keys, strict=True)),
                       mt.token_budget, mt.seq_len, cfg.seed, *([("slice", part)] if part else []))
-    folder = cfg.home / "cache" / "packed" / key
+    folder = packed_folder(cfg, key)
     rank, world = distributed_rank()
     if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
         wait_until("rank 0 to build the mixture", lambda: [] if (folder / "meta.json").exists() else [key])

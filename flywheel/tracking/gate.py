@@ -92,13 +92,13 @@ def paired_delta(candidate: Mapping[str, Any], reference: Mapping[str, Any], met
 
 
 def passes(rule: str, min_delta: float, value: float, reference_value: float | None,
-           interval: PairedDelta | None) -> tuple[bool, str]:
+           interval: PairedDelta | None, ref_name: str = "reference") -> tuple[bool, str]:
     """Whether a candidate passes the rule, and the words that say why."""
     if rule == "point":
         if reference_value is None:
-            return True, f"{value:.4f} (the reference has no value to compare with)"
+            return True, f"{value:.4f} ({ref_name} has no value to compare with)"
         ok = value >= reference_value - min_delta
-        return ok, f"{value:.4f} {'>=' if ok else '<'} reference {reference_value:.4f} - min_delta {min_delta:g}"
+        return ok, f"{value:.4f} {'>=' if ok else '<'} {ref_name} {reference_value:.4f} - min_delta {min_delta:g}"
     if interval is None:
         raise ValueError(f"rule {rule} needs the paired interval")
     bound = -min_delta if rule == "noninferior" else 0.0

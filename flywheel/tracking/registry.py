@@ -192,14 +192,14 @@ def load_items(tracker: Tracker, uri: str) -> dict[str, Any]:
     import tempfile
 
     local = Path(uri.removeprefix("file://"))
-    if not local.is_file():
-        import mlflow.artifacts
+    if local.is_file():
+        return json.loads(local.read_text())
+    import mlflow.artifacts
 
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=tracker.client._tracking_client.tracking_uri))
-            return json.loads(local.read_text())
-    return json.loads(local.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        got = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
+                                                  tracking_uri=tracker.client._tracking_client.tracking_uri)
+        return json.loads(Path(got).read_text())
 
 
 def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_run_id: str | None = None,
@@ -310,9 +310,9 @@ def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
     if problem and rule != "point":
         return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
                                  f"cannot compare: {problem}; kept v{prev}")
-    ok, why = passes(rule, cfg.promotion.min_delta, value, prev_value, interval)
+    ok, why = passes(rule, cfg.promotion.min_delta, value, prev_value, interval, ref_name=f"reference v{prev}")
     if rule == "point":
-        why = f"{metric} {why.replace('reference', f'reference v{prev}', 1)}" + (f"; {interval.text()}" if interval else "")
+        why = f"{metric} {why}" + (f"; {interval.text()}" if interval else "")
     else:
         shown = "(no value)" if prev_value is None else f"{prev_value:.4f}"
         why = f"{metric} {value:.4f} vs reference v{prev} {shown}, {why}, margin {cfg.promotion.min_delta:g}"
