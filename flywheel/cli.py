@@ -462,6 +462,10 @@ def ablate(
     sft_reference: Annotated[str | None, typer.Option(help="SFT checkpoint for remit_sft_ref.")] = None,
     weak_reference: Annotated[str | None, typer.Option(help="Early RL checkpoint for remit_weak_ref.")] = None,
     dpo_reference: Annotated[str | None, typer.Option(help="DPO-only checkpoint for remit_dpo_ref.")] = None,
+    strong_reference: Annotated[str | None, typer.Option(help="A far stronger reference for the remit_strong_* "
+                                "variants (the dose study).")] = None,
+    study: Annotated[str | None, typer.Option(help="A named set of variants instead of --variants: dose "
+                     "(clip ε × reference × anneal length, with the oracle positive control).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (smoke/full: 1).")] = None,
 ) -> None:
     """Ablation: every variant × seed from one base on the same data; tables with 95% CIs, tokens-to-NTP, KL, plot."""
@@ -482,7 +486,8 @@ def ablate(
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     report = flywheel_ablation(str(config), variants=names, seeds=seeds, size="smoke" if smoke else size,
                                reference=reference, sft_reference=sft_reference, weak_reference=weak_reference,
-                               threads=threads, dpo_reference=dpo_reference)
+                               threads=threads, dpo_reference=dpo_reference, strong_reference=strong_reference,
+                               study=study)
     console.print(report["markdown"], markup=False, highlight=False)
     console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
 

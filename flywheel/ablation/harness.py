@@ -48,10 +48,13 @@ class Variant:
     """One row of the tables: an objective, which reference guides it, and any other mid-training change."""
 
     objective: str
-    reference: str | None = "rl"  # rl | sft | weak | dpo; None: unguided
+    reference: str | None = "rl"  # rl | sft | weak | dpo | strong | oracle; None: unguided
     midtrain: dict[str, Any] = field(default_factory=dict)
     miniplm: bool = False
     about: str = ""
+    baseline: str = "ntp"  # the NTP variant it is paired with (same token budget)
+    budget_scale: int = 1  # the anneal's length as a multiple of the size's token budget
+    max_seeds: int | None = None  # run only the study's first this-many seeds (the costly cells)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -74,7 +77,52 @@ VARIANTS: dict[str, Variant] = {
     "remit_linear": Variant("remit", midtrain={"mapping": "linear"},
                             about="ReMiT, weight 1 + centred delta, same clip"),
     "remit_dpo_ref": Variant("remit", "dpo", about="ReMiT guided by a DPO-only post-training of the NTP anneal"),
+    "remit_eps0.5": Variant("remit", midtrain={"epsilon": 0.5}, about="ReMiT, clip epsilon 0.5"),
 }
+
+# The dose-response study (`flywheel ablate --study dose`): clip ε × reference × anneal length, NTP at each
+# length, and the positive control. `strong` is a reference far better at the tasks (the tiny world's
+# post-trained `micro`, passed as --strong-reference); `oracle` is the RL reference made certain of every
+# final answer (flywheel/ablation/oracle.py).
+LONG = 5  # the long anneal: 5× the size's budget (the full size: 200k → 1M tokens)
+DOSE_EPSILONS = {"eps0.2": 0.2, "eps0.5": 0.5, "noclip": None}
+DOSE_LONG_SEEDS = 2  # the 1M-token cells run two seeds: three do not fit two hours on two cores
+
+
+def _dose_variants() -> dict[str, Variant]:
+    out: dict[str, Variant] = {"ntp_5x": Variant("ntp", None, budget_scale=LONG, baseline="ntp_5x",
+                                                 about="NTP, anneal 5× as long (full size: 1M tokens)",
+                                                 max_seeds=DOSE_LONG_SEEDS)}
+    for ref, ref_about in (("rl", "the RL reference"), ("strong", "the strong reference (--strong-reference)")):
+        for eps_name, eps in DOSE_EPSILONS.items():
+            stem = f"remit{'_strong' if ref == 'strong' else ''}_{eps_name}"
+            clip = "no clip" if eps is None else f"clip epsilon {eps}"
+            if stem not in VARIANTS:
+                out[stem] = Variant("remit", ref, midtrain={"epsilon": eps}, about=f"ReMiT, {ref_about}, {clip}")
+            out[f"{stem}_5x"] = Variant("remit", ref, midtrain={"epsilon": eps}, budget_scale=LONG,
+                                        about=f"ReMiT, {ref_about}, {clip}, anneal 5× as long", baseline="ntp_5x",
+                                        max_seeds=DOSE_LONG_SEEDS)
+    out["remit_oracle_noclip"] = Variant("remit", "oracle", midtrain={"epsilon": None},
+                                         about="positive control: ReMiT, no clip, guided by the RL reference "
+                                               "made certain of every final answer")
+    return out
+
+
+VARIANTS.update(_dose_variants())
+
+# Studies: a named set of variants with what each cell does. `dose` skips post-training and scores accuracy
+# at the end of each anneal only (the token-level measures are taken at every point): decided before any
+# of its numbers, to fit two hours on two cores.
+STUDIES: dict[str, dict[str, Any]] = {
+    "dose": {
+        "variants": ["remit_oracle_noclip", "ntp", "remit_eps0.2", "remit_eps0.5", "remit_noclip",
+                     "remit_strong_eps0.2", "remit_strong_eps0.5", "remit_strong_noclip",
+                     "ntp_5x", "remit_eps0.2_5x", "remit_eps0.5_5x", "remit_noclip_5x",
+                     "remit_strong_eps0.2_5x", "remit_strong_eps0.5_5x", "remit_strong_noclip_5x"],
+        "size": "full", "posttrain": False, "accuracy_points": "end",
+    },
+}
+HELDOUT_DOCS = 400  # held-out documents for the token-level measures (the tiny world: ~15k tokens)
 
 # Sizes: overrides applied to the config. `config` runs the config as written (your own data and budgets).
 # `threads` 1 for the tiny world: a ~1M-parameter model's matmuls are too small to split well, and on a busy
@@ -152,13 +200,50 @@ def _heldout_source(cfg: FlywheelConfig, heldout: str | None) -> str | None:
     return None
 
 
+def _token_heldout(cfg: FlywheelConfig, heldout: str | None) -> str | None:
+    """Held-out text of the mid-training distribution for the token-level measures.
+
+    The given jsonl; else, for the tiny world, HELDOUT_DOCS documents like world:midtrain drawn from
+    held-out problems (written once into the home); else none (the measures are skipped).
+    """
+    if heldout:
+        return _heldout_source(cfg, heldout)
+    if not cfg.uses_world():
+        return None
+    from flywheel.data.io import write_jsonl
+    from flywheel.world.corpora import heldout_midtrain_docs
+
+    path = cfg.home / "cache" / "heldout" / f"midtrain-s{cfg.seed}-{HELDOUT_DOCS}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        write_jsonl(tmp, ({"text": t} for t in heldout_midtrain_docs(HELDOUT_DOCS, cfg.seed)))
+        tmp.replace(path)
+    return str(path)
+
+
 def prepare_ablation(cfg: FlywheelConfig, variants: list[str] | None = None,
                      seeds: int | list[int] | None = None, size: str = "config",
                      reference: str | None = None, sft_reference: str | None = None,
                      weak_reference: str | None = None, fractions: tuple[float, ...] | None = None,
                      heldout: str | None = None, heldout_limit: int | None = None,
-                     threads: int | None = None, dpo_reference: str | None = None) -> dict[str, Any]:
-    """Check the request and fix all a cell needs as a JSON-able plan; builds the tiny world if used."""
+                     threads: int | None = None, dpo_reference: str | None = None,
+                     strong_reference: str | None = None, study: str | None = None) -> dict[str, Any]:
+    """Check the request and fix all a cell needs as a JSON-able plan; builds the tiny world if used.
+
+    `study` names a set of variants and how their cells run (STUDIES); it sets the size unless one is given,
+    and `variants` may then pick some of its variants (a grid run in parts: each cell is reused by content).
+    """
+    if study is not None:
+        if study not in STUDIES:
+            raise FlywheelError(f"ablation study: must be one of {', '.join(STUDIES)} (got {study!r})")
+        members = STUDIES[study]["variants"]
+        outside = [v for v in variants or [] if v not in members]
+        if outside:
+            raise FlywheelError(f"ablation variants: {', '.join(outside)} not in study {study}; --variants with "
+                                f"--study picks among {', '.join(members)}")
+        variants = list(variants or members)
+        size = STUDIES[study]["size"] if size == "config" else size
     if size not in SIZES:
         raise FlywheelError(f"ablation size: must be one of {', '.join(SIZES)} (got {size!r})")
     over = SIZES[size]
@@ -186,13 +271,20 @@ def prepare_ablation(cfg: FlywheelConfig, variants: list[str] | None = None,
     from flywheel.models import resolve_model
 
     refs = {"rl": reference or sized.midtrain.reference, "sft": sft_reference, "weak": weak_reference,
-            "dpo": dpo_reference}
+            "dpo": dpo_reference, "strong": strong_reference}
     refs = {role: resolve_model(sized, _world_to_path(sized, r)) if r else None for role, r in refs.items()}
+    if any(VARIANTS[v].reference == "strong" for v in variants) and not refs["strong"]:
+        raise FlywheelError("--strong-reference: the variants guided by the strong reference need one; pass a "
+                            "post-trained model folder far better at the tasks (docs/results.md shows how the "
+                            "tiny world's micro one is made)")
+    kind = STUDIES.get(study or "", {})
     return {
         "version": ABLATION_VERSION, "name": cfg.name, "size": size, "variants": variants, "seeds": seed_list,
         "fractions": list(fractions), "config": _resolved_config(sized), "references": refs,
         "bootstrapped": [], "heldout": _heldout_source(cfg, heldout),
         "heldout_limit": heldout_limit or over.get("heldout_limit", 200), "threads": threads,
+        "token_heldout": _token_heldout(cfg, heldout), "kind": study,
+        "posttrain": kind.get("posttrain", True), "accuracy_points": kind.get("accuracy_points", "all"),
         "study": None, "parent_run": None, "out_dir": None,
     }
 
@@ -212,16 +304,23 @@ def cell_config(plan: dict[str, Any], variant: str, seed: int,
     data = copy.deepcopy(plan["config"])
     data["seed"] = seed
     data["midtrain"].update({"objective": v.objective, "reference": None, **v.midtrain})
+    data["midtrain"]["token_budget"] *= v.budget_scale
     if data_source is not None:
         data["data"]["sources"] = [{"source": data_source, "weight": 1.0, "text_field": "text"}]
     return validate_config(data, f"ablation variant {variant}")
 
 
 def _needed_roles(plan: dict[str, Any]) -> set[str]:
-    roles = {VARIANTS[v].reference for v in plan["variants"]} - {None}
-    if any(VARIANTS[v].miniplm for v in plan["variants"]):
+    roles = {VARIANTS[v].reference for v in plan["variants"]} - {None, "oracle"}
+    if any(VARIANTS[v].miniplm or VARIANTS[v].reference == "oracle" for v in plan["variants"]):
         roles.add("rl")
     return roles
+
+
+def cell_seeds(plan: dict[str, Any], variant: str) -> list[int]:
+    """The seeds a variant runs: all of the plan's, or its first `max_seeds`."""
+    cap = VARIANTS[variant].max_seeds
+    return plan["seeds"][:cap] if cap else plan["seeds"]
 
 
 def _bootstrap(plan: dict[str, Any], roles: set[str]) -> dict[str, str]:
@@ -287,12 +386,19 @@ def resolve_references(plan: dict[str, Any]) -> dict[str, Any]:
         for role in missing:
             plan["references"][role] = made[role]
         plan["bootstrapped"] = sorted(missing)
+    if any(VARIANTS[v].reference == "oracle" for v in plan["variants"]):
+        from flywheel.ablation.oracle import oracle_folder
+
+        plan["references"]["oracle"] = str(oracle_folder(validate_config(plan["config"]), plan["references"]["rl"]))
     config = {k: v for k, v in plan["config"].items() if k != "home"}
-    idents = {r: model_identity(p) if p else None for r, p in plan["references"].items()}
+    # the later roles only when used, so the studies made before them keep their keys
+    idents = {r: model_identity(p) if p else None for r, p in plan["references"].items()
+              if p or r not in ("strong", "oracle")}
     plan["notes"] = _reference_notes(plan, idents)
+    later = [plan["kind"], plan["token_heldout"]] if plan["kind"] else []
     plan["study"] = fingerprint(ABLATION_VERSION, config, plan["variants"], plan["seeds"], plan["fractions"],
                                 idents, model_identity(plan["config"]["model"]["source"]), plan["heldout"],
-                                plan["heldout_limit"])
+                                plan["heldout_limit"], *later)
     home = Path(plan["config"]["home"])
     plan["out_dir"] = str(home / "reports" / f"ablation-{plan['study']}")
     plan["parent_run"] = _parent_run(plan)
@@ -305,7 +411,7 @@ def _reference_notes(plan: dict[str, Any], idents: dict[str, str | None]) -> lis
     if plan["bootstrapped"]:
         notes.append(f"bootstrapped references ({', '.join(plan['bootstrapped'])}): the ntp cell of seed "
                      f"{plan['seeds'][0]} post-trained with the same chain, as a flywheel's round 0 does")
-    roles = [r for r in ("rl", "sft", "weak", "dpo") if idents.get(r)]
+    roles = [r for r in ("rl", "sft", "weak", "dpo", "strong") if idents.get(r)]
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:
             if idents[a] == idents[b]:
@@ -374,8 +480,13 @@ def _log_cell(plan: dict[str, Any], cell: dict[str, Any], history: list[dict[str
                                     "reference": cell["reference"], "data": cell["data"]})
         for point in cell["curve"]:
             scores = {f"mid/{k}": v for k, v in point["metrics"].items()}
+            nll = point.get("token_nll") or {}
+            scores.update({f"heldout_nll/{k}": v for k, v in (nll.get("classes") or {}).items() if v is not None})
+            if nll.get("all") is not None:
+                scores["heldout_nll/all"] = nll["all"]
             tracker.log_metrics(run_id, scores, step=point["tokens"])
-        tracker.log_metrics(run_id, {f"post/{k}": v for k, v in cell["post"].items()})
+        if cell["post"]:
+            tracker.log_metrics(run_id, {f"post/{k}": v for k, v in cell["post"].items()})
         if cell["kl"] is not None:
             tracker.log_metrics(run_id, {"mid/kl_to_reference": cell["kl"]})
         tracker.log_metrics(run_id, {f"seconds/{k}": v for k, v in cell["seconds"].items()})
@@ -477,6 +588,48 @@ def heldout_kl(cfg: FlywheelConfig, model_path: str | Path, reference: str | Pat
                    load_model(cfg, str(reference), for_training=False), batches())
 
 
+_TOKEN_CONTEXT: dict[str, tuple[Any, dict[str, Any], Path]] = {}
+
+
+def _token_context(plan: dict[str, Any], cfg: FlywheelConfig) -> tuple[Any, dict[str, Any], Path]:
+    """The held-out split with its token classes, and the δ-buckets of every reference; once per study."""
+    key = f"{plan['study']}:{plan['token_heldout']}"
+    if key in _TOKEN_CONTEXT:
+        return _TOKEN_CONTEXT[key]
+    from flywheel.ablation import tokens
+    from flywheel.ablation.oracle import oracle_logprobs
+    from flywheel.models import load_tokenizer
+
+    tok = load_tokenizer(cfg)
+    held = tokens.heldout_tokens([r["text"] for r in read_jsonl(Path(plan["token_heldout"]))], tok)
+    cache = cfg.home / "cache" / "heldout-scores"
+    base_lp = tokens.model_scores(cfg, plan["config"]["model"]["source"], held, cache)
+    refs = plan["references"]
+    buckets = {}
+    for role, path in refs.items():
+        if not path:
+            continue
+        if role == "oracle":  # the RL reference's scores with every answer token certain
+            table = tokens.pieces(tok)
+            ref_lp = [oracle_logprobs(lp, tokens.answer_mask(ids, table)[1:])
+                      for lp, ids in zip(tokens.model_scores(cfg, refs["rl"], held, cache), held.ids, strict=True)]
+        else:
+            ref_lp = tokens.model_scores(cfg, path, held, cache)
+        buckets[role] = tokens.delta_buckets(tokens.centred_delta(ref_lp, base_lp))
+    _TOKEN_CONTEXT[key] = (held, buckets, cache)
+    return _TOKEN_CONTEXT[key]
+
+
+def token_measures(plan: dict[str, Any], cfg: FlywheelConfig, checkpoint: str | Path) -> dict[str, Any] | None:
+    """Held-out NLL of one checkpoint by token class and by each reference's δ-bucket (None: no held-out text)."""
+    if not plan.get("token_heldout"):
+        return None
+    from flywheel.ablation import tokens
+
+    held, buckets, cache = _token_context(plan, cfg)
+    return tokens.measures(tokens.model_scores(cfg, checkpoint, held, cache), held, buckets)
+
+
 def midtrain_with_points(plan: dict[str, Any], cfg: FlywheelConfig, base: str, reference: str | None,
                          callbacks: list | None = None) -> tuple[Any, list[tuple[int, int, Path]]]:
     """One anneal that also saves the model at the plan's fractions; (step, tokens, checkpoint) per point."""
@@ -517,13 +670,23 @@ def run_cell(plan: dict[str, Any], variant: str, seed: int, callbacks: list | No
         seconds["select"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    if v.reference == "oracle":  # the oracle is a cache: written before the anneal reads it
+        from flywheel.ablation.oracle import write_oracle_cache
+
+        write_oracle_cache(cfg, plan["references"]["rl"], reference)
     mid, points = midtrain_with_points(plan, cfg, base, reference, callbacks)
     seconds["midtrain"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
+    every_point = plan.get("accuracy_points", "all") == "all"
     curve = [{"step": step, "tokens": tokens, "checkpoint": str(path),
-              "metrics": _evaluate(cfg, path, "base")} for step, tokens, path in points]
+              "metrics": _evaluate(cfg, path, "base") if every_point or i == len(points) - 1 else {}}
+             for i, (step, tokens, path) in enumerate(points)]
     seconds["evaluate_mid"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    for point in curve:
+        point["token_nll"] = token_measures(plan, cfg, point["checkpoint"])
+    seconds["token_measures"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     texts = _heldout_texts(plan)
@@ -531,20 +694,22 @@ def run_cell(plan: dict[str, Any], variant: str, seed: int, callbacks: list | No
     kl = heldout_kl(cfg, mid.checkpoint, rl, texts) if texts and rl else None
     seconds["kl"] = time.perf_counter() - t1
 
-    t1 = time.perf_counter()
-    post = posttrain(cfg, mid.checkpoint)
-    seconds["posttrain"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    post_metrics = _evaluate(cfg, post.checkpoint, "post")
-    seconds["evaluate_post"] = time.perf_counter() - t1
+    post, post_metrics = None, {}
+    if plan.get("posttrain", True):
+        t1 = time.perf_counter()
+        post = posttrain(cfg, mid.checkpoint)
+        seconds["posttrain"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        post_metrics = _evaluate(cfg, post.checkpoint, "post")
+        seconds["evaluate_post"] = time.perf_counter() - t1
     seconds["total"] = time.perf_counter() - t0
 
     cell = {
         "variant": variant, "seed": seed, "reference": reference, "data": data,
         "midtrain_config": cfg.midtrain.model_dump(mode="json", exclude={"reference"}),
         "curve": curve, "mid": curve[-1]["metrics"], "post": post_metrics, "kl": kl,
-        "midtrain_checkpoint": str(mid.checkpoint), "post_checkpoint": str(post.checkpoint),
-        "reused": bool(mid.reused and post.reused), "seconds": seconds,
+        "midtrain_checkpoint": str(mid.checkpoint), "post_checkpoint": str(post.checkpoint) if post else None,
+        "reused": bool(mid.reused and (post is None or post.reused)), "seconds": seconds,
     }
     cell["run_id"] = _log_cell(plan, cell, mid.metrics.get("log_history", []))
     return cell
@@ -556,7 +721,8 @@ def evaluate_base(plan: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = cell_config(plan, "ntp", plan["seeds"][0])
     metrics = _evaluate(cfg, plan["config"]["model"]["source"], "base")
-    return {"tokens": 0, "metrics": metrics, "seconds": time.perf_counter() - t0}
+    return {"tokens": 0, "metrics": metrics, "token_nll": token_measures(plan, cfg, plan["config"]["model"]["source"]),
+            "seconds": time.perf_counter() - t0}
 
 
 # --- the whole study -----------------------------------------------------------------------------
@@ -575,7 +741,8 @@ def finish_ablation(plan: dict[str, Any], base: dict[str, Any], cells: list[dict
 
     cfg = cell_config(plan, "ntp", plan["seeds"][0])
     # how good the guides are, scored like every post-trained model (zero-shot, chat template); reused by content
-    refs = {role: _evaluate(cfg, path, "post") for role, path in plan["references"].items() if path}
+    refs = {role: _evaluate(cfg, path, "post") for role, path in plan["references"].items()
+            if path and role != "oracle"}  # the oracle's weights are the RL reference's
     report = summarize(plan, {**base, "references": refs}, cells)
     write_report(report, Path(plan["out_dir"]))
     log_report(_tracker(plan), plan["parent_run"], report, Path(plan["out_dir"]))
@@ -589,16 +756,18 @@ def run_ablation(cfg: FlywheelConfig, variants: list[str] | None = None, seeds: 
                  size: str = "config", reference: str | None = None, sft_reference: str | None = None,
                  weak_reference: str | None = None, fractions: tuple[float, ...] | None = None,
                  heldout: str | None = None, heldout_limit: int | None = None, threads: int | None = None,
-                 echo: bool = True, dpo_reference: str | None = None) -> dict[str, Any]:
+                 echo: bool = True, dpo_reference: str | None = None, strong_reference: str | None = None,
+                 study: str | None = None) -> dict[str, Any]:
     """The whole study without Prefect: every (variant, seed) cell in turn; a crash costs that cell only."""
     t0 = time.perf_counter()
     plan = prepare_ablation(cfg, variants, seeds, size, reference, sft_reference, weak_reference, fractions,
-                            heldout, heldout_limit, threads, dpo_reference=dpo_reference)
+                            heldout, heldout_limit, threads, dpo_reference=dpo_reference,
+                            strong_reference=strong_reference, study=study)
     plan = resolve_references(plan)
     base = evaluate_base(plan)
     cells = []
     for variant in plan["variants"]:
-        for seed in plan["seeds"]:
+        for seed in cell_seeds(plan, variant):
             try:
                 cells.append(run_cell(plan, variant, seed))
             except FlywheelError:

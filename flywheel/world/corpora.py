@@ -83,6 +83,24 @@ def heldout_pretrain_docs(n: int, seed: int) -> list[str]:
     return docs
 
 
+def heldout_midtrain_docs(n: int, seed: int) -> list[str]:
+    """Text like the anneal mix (same prose share and level weights) whose problems are held out of training.
+
+    For token-level measures on "the mid-training distribution": drawn from the held-out identities
+    (`tasks.is_heldout`), so no training corpus contains them, with a stream of its own.
+    """
+    rng = _rng(seed, "midtrain-heldout")
+    n_prose = int(n * MIDTRAIN_PROSE)
+    counts = {lvl: 0 for lvl in MIDTRAIN_LEVELS}
+    for lvl in rng.choices(list(MIDTRAIN_LEVELS), weights=list(MIDTRAIN_LEVELS.values()), k=n - n_prose):
+        counts[lvl] += 1
+    docs = [tasks.prose(rng) for _ in range(n_prose)]
+    docs += [p.text for lvl, k in counts.items() if k
+             for p in tasks.generate(lvl, k, seed=hash_seed(seed, "midtrain-heldout"), split="eval")]
+    rng.shuffle(docs)
+    return docs
+
+
 def _mc_choices(p: tasks.Problem, rng: random.Random) -> tuple[list[str], int]:
     """The true answer among three near-miss distractors, in a seeded order."""
     wrong: set[int] = set()
