@@ -101,6 +101,20 @@ def test_smoke_ablation_writes_json_markdown_plot_and_one_mlflow_child_per_cell(
     assert "mid/remit/avg_mean" in metrics and "reference/rl/avg" in metrics  # the guide is scored too
 
 
+def test_smoke_ablation_reports_heldout_loss_by_token_class_along_the_anneal(smoke):
+    curves = smoke["tokens"]["curves"]
+    assert [p["tokens"] for p in curves["remit"]["points"]] == [0, 2048, 4096]
+    for variant in SMOKE_VARIANTS:
+        end = curves[variant]["points"][-1]
+        assert end["answer"]["n"] == 2 and end["top"]["n"] == 2 and end["all"]["mean"] > 0
+    rows = {r["variant"]: r for r in smoke["tokens"]["differences"]}
+    assert set(rows) == {"remit", "remit_eps0.2"} and rows["remit"]["baseline"] == "ntp"
+    assert rows["remit"]["points"][-1]["answer"]["diff"] == rows["remit_eps0.2"]["points"][-1]["answer"]["diff"]
+    markdown = Path(smoke["files"]["markdown"]).read_text()
+    assert "## Held-out loss by token class and δ-third" in markdown and "| remit | ntp | 2 |" in markdown
+    assert Path(smoke["files"]["token_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_identical_variants_are_reported_as_not_significantly_different(smoke):
     by_cell = {(c["variant"], c["seed"]): c for c in smoke["cells"]}
     for seed in (0, 1):
@@ -274,3 +288,62 @@ def test_smoke_ablation_runs_the_centring_mapping_and_dpo_reference_variants(sma
         assert rule in (run_dir / "remit-weights.html").read_text(), variant  # the weight page names the rule
         weights[variant] = (Path(cells[variant]["midtrain_checkpoint"]) / "model.safetensors").read_bytes()
     assert len(set(weights.values())) == 3  # each rule trained a different model
+
+
+def test_the_dose_study_plans_its_grid_and_refuses_a_missing_strong_reference(small_world):
+    cfg, report = small_world
+    with pytest.raises(FlywheelError, match="--strong-reference: the variants guided by the strong reference"):
+        prepare_ablation(cfg, size="smoke", study="dose")
+    with pytest.raises(FlywheelError, match="kd not in study dose"):
+        prepare_ablation(cfg, ["kd"], size="smoke", study="dose")
+    plan = prepare_ablation(cfg, size="smoke", study="dose", seeds=3, strong_reference=str(report.paths.base))
+    assert plan["posttrain"] is False and plan["accuracy_points"] == "end" and plan["kind"] == "dose"
+    assert len(plan["variants"]) == 15 and plan["variants"][0] == "remit_oracle_noclip"
+    from flywheel.ablation.harness import cell_seeds
+
+    assert cell_seeds(plan, "remit_noclip") == [0, 1, 2] and cell_seeds(plan, "remit_noclip_5x") == [0, 1]
+    long, short = cell_config(plan, "remit_strong_eps0.5_5x", 0), cell_config(plan, "ntp", 0)
+    assert long.midtrain.token_budget == 5 * short.midtrain.token_budget and long.midtrain.epsilon == 0.5
+    assert Path(plan["token_heldout"]).is_file()
+
+
+def test_the_oracle_cell_anneals_on_a_cache_certain_of_every_answer_and_measures_token_classes(small_world):
+    """The positive control's plumbing at smoke size: the oracle cache differs from the RL one exactly on
+    answer tokens (set to log 1), the anneal reads it, and every point has held-out loss per class."""
+    import torch
+
+    from flywheel.ablation import tokens
+    from flywheel.ablation.harness import evaluate_base, resolve_references, run_cell
+    from flywheel.models import load_tokenizer
+    from flywheel.remit.scoring import score_reference
+
+    cfg = small_world[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plan = resolve_references(prepare_ablation(cfg, ["remit_oracle_noclip", "ntp"], seeds=1, size="smoke",
+                                                   study="dose"))
+        base = evaluate_base(plan)
+        cell = run_cell(plan, "remit_oracle_noclip", 0)
+    finally:
+        torch.set_num_threads(threads)
+    oracle, rl = plan["references"]["oracle"], plan["references"]["rl"]
+    assert cell["reference"] == oracle and oracle != rl
+    cell_cfg = cell_config(plan, "remit_oracle_noclip", 0)
+    source, derived = score_reference(cell_cfg, rl), score_reference(cell_cfg, oracle)  # both finished: reused
+    assert derived.cache.index["oracle_of"] == rl and derived.cache.index["answer_tokens"] > 0
+    table = tokens.pieces(load_tokenizer(cell_cfg))
+    packed = source.corpus.load()
+    changed = 0
+    for row in range(min(64, len(packed))):
+        mask = tokens.answer_mask(np.asarray(packed.input_ids[row]), table)
+        mine, theirs = derived.cache.rows(row), source.cache.rows(row)
+        assert (mine[mask] == 0).all() and (mine[~mask] == theirs[~mask]).all()
+        changed += int(mask.sum())
+    assert changed > 0
+    assert cell["post"] == {} and cell["post_checkpoint"] is None  # the dose study skips post-training
+    assert [bool(p["metrics"]) for p in cell["curve"]] == [False, True]  # accuracy at the end only
+    for point in [base, *cell["curve"]]:
+        nll = point["token_nll"]
+        assert nll["tokens"] > 1000 and all(nll["classes"][c] > 0 for c in tokens.CLASSES)
+        assert set(nll["buckets"]) == {"rl", "oracle"}

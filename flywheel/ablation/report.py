@@ -20,6 +20,7 @@ from flywheel.ablation.stats import (
     mean_ci,
     tokens_ratio,
 )
+from flywheel.ablation.token_report import plot_token_curves, token_markdown, token_summary
 from flywheel.data.io import write_json
 from flywheel.metrics import AVG, PREFIX, by_task, primary_metric
 
@@ -69,10 +70,18 @@ def _curves(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, An
     return out
 
 
+def _baseline(variant: str) -> str:
+    """The NTP variant a variant is compared with: the one of the same anneal length."""
+    from flywheel.ablation.harness import VARIANTS
+
+    return VARIANTS[variant].baseline if variant in VARIANTS else BASELINE
+
+
 def _pairs(variants: list[str]) -> list[tuple[str, str]]:
-    """What the paper's claims need: remit against every other variant, and every variant against ntp."""
+    """What the paper's claims need: remit against every other variant, and every variant against its ntp."""
     pairs = [(METHOD, v) for v in variants if METHOD in variants and v != METHOD]
-    pairs += [(v, BASELINE) for v in variants if BASELINE in variants and v not in (BASELINE, METHOD)]
+    pairs += [(v, _baseline(v)) for v in variants
+              if _baseline(v) in variants and v not in (_baseline(v), METHOD)]
     return pairs
 
 
@@ -120,7 +129,7 @@ def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, 
             notes.append(f"{BASELINE} ended no better than where its curve began, so every variant 'reaches' "
                          "its final score at once; the tokens-to-baseline ratios say nothing here")
         for variant, points in curves.items():
-            if variant != BASELINE:
+            if variant != BASELINE and _baseline(variant) == BASELINE:
                 ratios[variant] = tokens_ratio([(p["tokens"], p["mean"]) for p in points], baseline)
     comparisons = {phase: _with_holm([vars(c) for a, b in _pairs(plan["variants"])
                                       if (c := _compare(cells, phase, a, b))]) for phase in PHASES}
@@ -138,6 +147,7 @@ def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, 
                          for v in plan["variants"]},
         "evaluation_points": "checkpoints of the same run at the given fractions of the budget (one anneal "
                              "per cell; earlier points are mid-schedule, not separately annealed runs)",
+        "tokens": token_summary(plan, base, cells),
     }
     report["markdown"] = to_markdown(report)
     return report
@@ -163,6 +173,8 @@ def to_markdown(report: dict[str, Any]) -> str:
               for role, m in refs.items()]
     lines.append("")
     for phase, title in PHASES.items():
+        if not any(row.get(c) for row in report["phases"][phase].values() for c in cols):
+            continue  # a study that skips post-training has no such table
         kl_col = phase == "mid"
         head = ["variant", "seeds", *(_short(c) for c in cols)]
         head += ["KL(model‖ref), nats/token"] if kl_col else []
@@ -204,6 +216,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['a']} − {r['b']} | {r['diff'] * 100:+.1f} | {r['test']} | {p} | {ph} | "
                              f"{'yes' if r.get('significant_holm') else 'no'} |")
             lines.append("")
+    lines += token_markdown(report.get("tokens"))
     for f in report["failed"]:
         lines.append(f"- failed: {f['variant']} seed {f['seed']}: {f['error']}")
     lines.append(f"Evaluation points: {report['evaluation_points']}.")
@@ -256,10 +269,12 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """report.json, report.md and score_vs_tokens.png in `out_dir`; their paths go into the report."""
+    """report.json, report.md, score_vs_tokens.png (and token_nll_vs_ntp.png) in `out_dir`; paths in the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md"),
              "plot": str(out_dir / "score_vs_tokens.png")}
+    if report.get("tokens"):
+        files["token_plot"] = str(plot_token_curves(report["tokens"], out_dir / "token_nll_vs_ntp.png"))
     report["files"] = files
     plot_curves(report, Path(files["plot"]))
     Path(files["markdown"]).write_text(report["markdown"], encoding="utf-8")
@@ -284,6 +299,9 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
     for variant, est in report["kl_to_reference"].items():
         if est:
             out[f"mid/{variant}/kl_to_reference_mean"] = est["mean"]
+    for variant, curve in ((report.get("tokens") or {}).get("curves") or {}).items():
+        out.update({f"heldout_nll/{variant}/{m}_mean": est["mean"]
+                    for m, est in curve["points"][-1].items() if m != "tokens" and est})
     for variant, entry in report["tokens_to_baseline"].items():
         if entry["ratio"] is not None and math.isfinite(entry["ratio"]):
             out[f"tokens_to_{BASELINE}/{variant}"] = entry["ratio"]
@@ -293,7 +311,7 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
 def log_report(tracker: Any, parent_run: str, report: dict[str, Any], out_dir: Path) -> None:
     """The summary numbers and the three files on the study's parent run."""
     tracker.log_metrics(parent_run, summary_metrics(report))
-    for key in ("json", "markdown", "plot"):
+    for key in ("json", "markdown", "plot", "token_plot"):
         path = Path(report.get("files", {}).get(key, ""))
         if path.is_file():
             tracker.log_artifact(parent_run, path, "ablation")

@@ -59,23 +59,27 @@ def _pieces(key: str, size: int, tok: Any) -> Pieces:  # noqa: ARG001 - key: the
 
 
 def classify(ids: Sequence[int], table: Pieces) -> np.ndarray:
-    """The class code (index into CLASSES) of every token of one sequence, as int8."""
-    out = np.empty(len(ids), dtype=np.int8)
-    in_answer = False
-    for i, t in enumerate(ids):
-        t = int(t)
-        text = table.text[t] if 0 <= t < len(table.text) else ""
-        special = t in table.special
-        if special or "\n" in text:
-            in_answer = False
-            out[i] = _CODE["prose"]
-            continue
-        if ANSWER_MARK in text:
-            in_answer = True  # the marker itself is formatting; what follows it on the line is the answer
-            out[i] = _CODE["prose"]
-            continue
+    """The class code (index into CLASSES) of every token of one sequence, as int8.
+
+    The answer marker is found in the decoded text, not in single tokens, so a tokenizer that splits
+    `####` into four `#` tokens is read the same as one that keeps it whole.
+    """
+    texts = ["\n" if int(t) in table.special else (table.text[int(t)] if 0 <= int(t) < len(table.text) else "")
+             for t in ids]
+    starts = np.cumsum([0] + [len(t) for t in texts])
+    full = "".join(texts)
+    answer = np.zeros(len(full) + 1, dtype=bool)  # characters that belong to a final answer
+    at = full.find(ANSWER_MARK)
+    while at >= 0:
+        begin = at + len(ANSWER_MARK)
+        end = full.find("\n", begin)
+        end = len(full) if end < 0 else end
+        answer[begin:end] = True
+        at = full.find(ANSWER_MARK, end)
+    out = np.empty(len(texts), dtype=np.int8)
+    for i, text in enumerate(texts):
         stripped = text.strip()
-        if in_answer and stripped:
+        if stripped and answer[starts[i]] and "#" not in text:
             out[i] = _CODE["answer"]
         elif any(c.isdigit() for c in stripped):
             out[i] = _CODE["digit"]

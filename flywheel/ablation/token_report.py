@@ -1,0 +1,190 @@
+"""The token-level tables: held-out loss by token class and δ-third, and each variant against its NTP.
+
+Pure like `report.summarize` (cells in, JSON-able dict out), so it is checked on made-up cells. Every
+variant is paired with the NTP run of the same length (`Variant.baseline`), seed by seed (the same seed
+is the same data order), and its δ-thirds are those of its own reference (NTP variants: the RL one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flywheel.ablation.stats import compare, mean_ci
+from flywheel.ablation.tokens import BUCKETS, CLASSES
+from flywheel.metrics import AVG
+
+MEASURES = ("all", *CLASSES, *BUCKETS)
+DIFF_MEASURES = ("avg", "answer", "digit", "operator", "prose", "top", "bottom")
+
+
+def _variant(name: str) -> Any:
+    from flywheel.ablation.harness import VARIANTS
+
+    return VARIANTS.get(name)
+
+
+def role_of(variant: str, references: dict[str, Any]) -> str | None:
+    """Whose δ-thirds a variant is read against: its own reference, else the RL one."""
+    v = _variant(variant)
+    role = v.reference if v is not None and v.reference else "rl"
+    return role if references.get(role) else None
+
+
+def value(point: dict[str, Any] | None, measure: str, role: str | None) -> float | None:
+    """One measure of one evaluated point's `token_nll` (None when not measured)."""
+    nll = (point or {}).get("token_nll") or {}
+    if measure == "all":
+        return nll.get("all")
+    if measure in CLASSES:
+        return (nll.get("classes") or {}).get(measure)
+    return ((nll.get("buckets") or {}).get(role or "") or {}).get(measure)
+
+
+def _cells(cells: list[dict[str, Any]], variant: str) -> dict[int, dict[str, Any]]:
+    return {c["seed"]: c for c in cells if c["variant"] == variant and not c.get("failed")}
+
+
+def _est(values: list[float]) -> dict[str, Any] | None:
+    return mean_ci(values).to_dict() if values else None
+
+
+def token_summary(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per variant the measures along the anneal (mean ± CI over seeds); per pair the paired differences."""
+    if not any(p.get("token_nll") for c in cells if not c.get("failed") for p in c["curve"]):
+        return None
+    refs = plan["references"]
+    curves: dict[str, Any] = {}
+    for variant in plan["variants"]:
+        runs = list(_cells(cells, variant).values())
+        if not runs:
+            continue
+        role = role_of(variant, refs)
+        points = [{"tokens": 0, **{m: _est([x] if (x := value(base, m, role)) is not None else [])
+                                   for m in MEASURES}}]
+        for i in range(min(len(r["curve"]) for r in runs)):
+            points.append({"tokens": sum(r["curve"][i]["tokens"] for r in runs) / len(runs),
+                           **{m: _est([x for r in runs if (x := value(r["curve"][i], m, role)) is not None])
+                              for m in MEASURES}})
+        curves[variant] = {"role": role, "points": points}
+    return {"curves": curves, "differences": differences(plan, cells),
+            "classes": CLASSES, "buckets": BUCKETS}
+
+
+def _pair_value(cell: dict[str, Any], measure: str, role: str | None, i: int) -> float | None:
+    if measure == "avg":
+        return cell["curve"][i]["metrics"].get(AVG) if i == len(cell["curve"]) - 1 else None
+    return value(cell["curve"][i], measure, role)
+
+
+def differences(plan: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """variant − its NTP baseline, paired by seed: avg at the end; each NLL measure at every point."""
+    rows = []
+    for variant in plan["variants"]:
+        v = _variant(variant)
+        if v is None or v.baseline == variant or v.baseline not in plan["variants"]:
+            continue
+        mine, theirs = _cells(cells, variant), _cells(cells, v.baseline)
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        role = role_of(variant, plan["references"])
+        n_points = min(len(c["curve"]) for c in [*mine.values(), *theirs.values()])
+        row: dict[str, Any] = {"variant": variant, "baseline": v.baseline, "role": role, "seeds": seeds,
+                               "points": []}
+        for i in range(n_points):
+            point: dict[str, Any] = {"tokens": mine[seeds[0]]["curve"][i]["tokens"]}
+            for m in DIFF_MEASURES:
+                pairs = [(a, b) for s in seeds
+                         if (a := _pair_value(mine[s], m, role, i)) is not None
+                         and (b := _pair_value(theirs[s], m, role, i)) is not None]
+                if not pairs:
+                    continue
+                test = compare([a for a, _ in pairs], [b for _, b in pairs], paired=True, names=(variant, v.baseline))
+                point[m] = {"diff": _est([a - b for a, b in pairs]), "p_value": test.p_value}
+            row["points"].append(point)
+        rows.append(row)
+    return rows
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def _fmt(est: dict[str, Any] | None, scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:
+    if not est:
+        return "–"
+    mean = f"{est['mean'] * scale:+.{digits}f}" if sign else f"{est['mean'] * scale:.{digits}f}"
+    return mean if est["ci95"] is None else f"{mean} ± {est['ci95'] * scale:.{digits}f}"
+
+
+def _fmt_diff(entry: dict[str, Any] | None, measure: str) -> str:
+    if not entry:
+        return "–"
+    scale, digits = (100.0, 1) if measure == "avg" else (1.0, 3)
+    p = entry["p_value"]
+    return f"{_fmt(entry['diff'], scale, digits, sign=True)} (p {'–' if p is None else f'{p:.2g}'})"
+
+
+def token_markdown(summary: dict[str, Any] | None) -> list[str]:
+    """The held-out loss table at the end of the anneal, the answer-token curve, and the differences."""
+    if not summary:
+        return []
+    head = ["variant", "δ of", *MEASURES]
+    lines = ["## Held-out loss by token class and δ-third, end of anneal (nats/token, mean ± 95% CI)", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for variant, curve in summary["curves"].items():
+        end = curve["points"][-1]
+        lines.append(f"| {variant} | {curve['role'] or '–'} | " + " | ".join(_fmt(end[m]) for m in MEASURES) + " |")
+    lines += ["", "## Answer-token loss along the anneal (nats/token)", ""]
+    for variant, curve in summary["curves"].items():
+        lines.append(f"- {variant}: " + "; ".join(f"{p['tokens']:,.0f}: {_fmt(p['answer'])}" for p in curve["points"]))
+    rows = summary["differences"]
+    if rows:
+        n_tests = sum(1 for r in rows for m in DIFF_MEASURES if r["points"][-1].get(m))
+        lines += ["", "## Each variant − NTP of the same length, end of anneal (paired over seeds; "
+                  f"Δavg in points, ΔNLL in nats/token; {n_tests} unadjusted tests)", "",
+                  "| variant | − | seeds | " + " | ".join(f"Δ{m}" for m in DIFF_MEASURES) + " |",
+                  "|" + "|".join(["---"] * (len(DIFF_MEASURES) + 3)) + "|"]
+        for r in rows:
+            end = r["points"][-1]
+            lines.append(f"| {r['variant']} | {r['baseline']} | {len(r['seeds'])} | "
+                         + " | ".join(_fmt_diff(end.get(m), m) for m in DIFF_MEASURES) + " |")
+    lines.append("")
+    return lines
+
+
+def plot_token_curves(summary: dict[str, Any], path: Path) -> Path:
+    """ΔNLL against NTP of the same length along the anneal, one panel per class and δ-third."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ("answer", "digit", "operator", "prose", "top", "bottom")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
+    colours = plt.get_cmap("tab20").colors
+    for i, row in enumerate(summary["differences"]):
+        colour = colours[(2 * i) % len(colours) + (i // 10) % 2]
+        style = "--" if row["baseline"] != "ntp" else "-"
+        for ax, m in zip(axes.flat, panels, strict=True):
+            pts = [(p["tokens"], p[m]["diff"]) for p in row["points"] if p.get(m)]
+            if not pts:
+                continue
+            ax.errorbar([t for t, _ in pts], [d["mean"] for _, d in pts], yerr=[d["ci95"] or 0.0 for _, d in pts],
+                        color=colour, linestyle=style, marker="o", markersize=3, capsize=2, label=row["variant"])
+    for ax, m in zip(axes.flat, panels, strict=True):
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the points' own ticks only
+        title = f"δ {m} third" if m in BUCKETS else f"{m} tokens"
+        ax.set_title(f"{title}: ΔNLL vs NTP (nats/token)", fontsize="medium")
+    for ax in axes[1]:
+        ax.set_xlabel("mid-training tokens")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
