@@ -39,7 +39,12 @@ def test_a_solved_problem_splits_into_answer_digit_operator_and_prose_tokens():
     after = [(t, c) for t, c in tokens[marker + 1:] if t.strip() and t != "<|eos|>"]
     assert "".join(t for t, _ in after).strip() == "42" and {c for _, c in after} == {"answer"}
     before = tokens[: marker + 1]
-    assert {c for t, c in before if any(ch.isdigit() for ch in t)} == {"digit"}  # the worked numbers
+    line = "".join(t for t, _ in before).split("\n")[1]
+    assert line == "12 + 30 = 42"
+    digits = [(t.strip(), c) for t, c in before if any(ch.isdigit() for ch in t)]
+    operands, computed = digits[:-len([d for d in digits if d[1] == "result"])], [d for d in digits if d[1] == "result"]
+    assert "".join(t for t, _ in computed) == "42"  # right of `=`: a computed value
+    assert "".join(t for t, _ in operands) == "12301230" and {c for _, c in operands} == {"digit"}
     assert {c for t, c in before if t.strip() in ("+", "=")} == {"operator"}
     assert {c for t, c in before if t.strip() in ("What", "is", "?", "#")} <= {"prose"}
     assert tokens[-1] == ("<|eos|>", "prose")
@@ -97,6 +102,15 @@ def test_measures_average_the_loss_of_each_class_and_third():
     assert group_means(np.ones(2), np.array([0, 0]), ("a", "b")) == {"a": 1.0, "b": None}
 
 
+def test_the_results_oracle_is_certain_of_computed_values_and_answers_not_operands():
+    tok = byte_tokenizer()
+    ids = tok("7 + 5 = 12\n#### 12", add_special_tokens=False)["input_ids"]
+    text = [tok.decode([i]) for i in ids]
+    answers, results = answer_mask(ids, pieces(tok)), answer_mask(ids, pieces(tok), "results")
+    assert "".join(t for t, m in zip(text, answers, strict=True) if m).strip() == "12"
+    assert "".join(t for t, m in zip(text, results, strict=True) if m).replace(" ", "") == "1212"
+
+
 def test_the_oracle_is_certain_of_answer_tokens_only():
     lp = np.array([-1.0, -2.0, -3.0, -4.0])
     out = oracle_logprobs(lp, np.array([False, True, False, True]))
@@ -106,7 +120,8 @@ def test_the_oracle_is_certain_of_answer_tokens_only():
 
 def _cell(variant: str, seed: int, answer: list[float], avg: float) -> dict:
     curve = [{"tokens": 100 * (i + 1), "metrics": {AVG: avg} if i == len(answer) - 1 else {},
-              "token_nll": {"all": a, "classes": {"answer": a, "digit": 1.0, "operator": 1.0, "prose": 1.0},
+              "token_nll": {"all": a, "classes": {"answer": a, "result": 1.0, "digit": 1.0, "operator": 1.0,
+                                                  "prose": 1.0},
                             "buckets": {"rl": {"top": a, "middle": 1.0, "bottom": 2.0}}}}
              for i, a in enumerate(answer)]
     return {"variant": variant, "seed": seed, "curve": curve}

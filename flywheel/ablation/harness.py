@@ -48,7 +48,7 @@ class Variant:
     """One row of the tables: an objective, which reference guides it, and any other mid-training change."""
 
     objective: str
-    reference: str | None = "rl"  # rl | sft | weak | dpo | strong | oracle; None: unguided
+    reference: str | None = "rl"  # rl | sft | weak | dpo | strong | oracle | oracle_results; None: unguided
     midtrain: dict[str, Any] = field(default_factory=dict)
     miniplm: bool = False
     about: str = ""
@@ -83,7 +83,7 @@ VARIANTS: dict[str, Variant] = {
 # The dose-response study (`flywheel ablate --study dose`): clip ε × reference × anneal length, NTP at each
 # length, and the positive control. `strong` is a reference far better at the tasks (the tiny world's
 # post-trained `micro`, passed as --strong-reference); `oracle` is the RL reference made certain of every
-# final answer (flywheel/ablation/oracle.py).
+# final answer, `oracle_results` of every computed value as well (flywheel/ablation/oracle.py).
 LONG = 5  # the long anneal: 5× the size's budget (the full size: 200k → 1M tokens)
 DOSE_EPSILONS = {"eps0.2": 0.2, "eps0.5": 0.5, "noclip": None}
 DOSE_LONG_SEEDS = 3  # the long cells' seeds (a cap, so a user short of time can run two)
@@ -105,6 +105,9 @@ def _dose_variants() -> dict[str, Variant]:
     out["remit_oracle_noclip"] = Variant("remit", "oracle", midtrain={"epsilon": None},
                                          about="positive control: ReMiT, no clip, guided by the RL reference "
                                                "made certain of every final answer")
+    out["remit_oracle_results_noclip"] = Variant("remit", "oracle_results", midtrain={"epsilon": None},
+                                                 about="positive control: ReMiT, no clip, guided by the RL reference "
+                                                       "made certain of every computed value and final answer")
     return out
 
 
@@ -115,7 +118,7 @@ VARIANTS.update(_dose_variants())
 # of its numbers, to fit two hours on two cores.
 STUDIES: dict[str, dict[str, Any]] = {
     "dose": {
-        "variants": ["remit_oracle_noclip", "ntp", "remit_eps0.2", "remit_eps0.5", "remit_noclip",
+        "variants": ["remit_oracle_noclip", "remit_oracle_results_noclip", "ntp", "remit_eps0.2", "remit_eps0.5", "remit_noclip",
                      "remit_strong_eps0.2", "remit_strong_eps0.5", "remit_strong_noclip",
                      "ntp_5x", "remit_eps0.2_5x", "remit_eps0.5_5x", "remit_noclip_5x",
                      "remit_strong_eps0.2_5x", "remit_strong_eps0.5_5x", "remit_strong_noclip_5x"],
@@ -311,8 +314,10 @@ def cell_config(plan: dict[str, Any], variant: str, seed: int,
 
 
 def _needed_roles(plan: dict[str, Any]) -> set[str]:
-    roles = {VARIANTS[v].reference for v in plan["variants"]} - {None, "oracle"}
-    if any(VARIANTS[v].miniplm or VARIANTS[v].reference == "oracle" for v in plan["variants"]):
+    from flywheel.ablation.oracle import ORACLE_ROLES
+
+    roles = {VARIANTS[v].reference for v in plan["variants"]} - {None, *ORACLE_ROLES}
+    if any(VARIANTS[v].miniplm or VARIANTS[v].reference in ORACLE_ROLES for v in plan["variants"]):
         roles.add("rl")
     return roles
 
@@ -386,14 +391,15 @@ def resolve_references(plan: dict[str, Any]) -> dict[str, Any]:
         for role in missing:
             plan["references"][role] = made[role]
         plan["bootstrapped"] = sorted(missing)
-    if any(VARIANTS[v].reference == "oracle" for v in plan["variants"]):
-        from flywheel.ablation.oracle import oracle_folder
+    from flywheel.ablation.oracle import ORACLE_ROLES, oracle_folder
 
-        plan["references"]["oracle"] = str(oracle_folder(validate_config(plan["config"]), plan["references"]["rl"]))
+    for role in sorted({VARIANTS[v].reference for v in plan["variants"]} & set(ORACLE_ROLES)):
+        plan["references"][role] = str(oracle_folder(validate_config(plan["config"]), plan["references"]["rl"],
+                                                     ORACLE_ROLES[role]))
     config = {k: v for k, v in plan["config"].items() if k != "home"}
     # the later roles only when used, so the studies made before them keep their keys
     idents = {r: model_identity(p) if p else None for r, p in plan["references"].items()
-              if p or r not in ("strong", "oracle")}
+              if p or r not in ("strong", *ORACLE_ROLES)}
     plan["notes"] = _reference_notes(plan, idents)
     later = [plan["kind"], plan["token_heldout"]] if plan["kind"] else []
     plan["study"] = fingerprint(ABLATION_VERSION, config, plan["variants"], plan["seeds"], plan["fractions"],
@@ -597,7 +603,7 @@ def _token_context(plan: dict[str, Any], cfg: FlywheelConfig) -> tuple[Any, dict
     if key in _TOKEN_CONTEXT:
         return _TOKEN_CONTEXT[key]
     from flywheel.ablation import tokens
-    from flywheel.ablation.oracle import oracle_logprobs
+    from flywheel.ablation.oracle import ORACLE_ROLES, oracle_logprobs
     from flywheel.models import load_tokenizer
 
     tok = load_tokenizer(cfg)
@@ -609,9 +615,9 @@ def _token_context(plan: dict[str, Any], cfg: FlywheelConfig) -> tuple[Any, dict
     for role, path in refs.items():
         if not path:
             continue
-        if role == "oracle":  # the RL reference's scores with every answer token certain
+        if role in ORACLE_ROLES:  # the RL reference's scores, certain where the oracle is
             table = tokens.pieces(tok)
-            ref_lp = [oracle_logprobs(lp, tokens.answer_mask(ids, table)[1:])
+            ref_lp = [oracle_logprobs(lp, tokens.answer_mask(ids, table, ORACLE_ROLES[role])[1:])
                       for lp, ids in zip(tokens.model_scores(cfg, refs["rl"], held, cache), held.ids, strict=True)]
         else:
             ref_lp = tokens.model_scores(cfg, path, held, cache)
@@ -670,10 +676,10 @@ def run_cell(plan: dict[str, Any], variant: str, seed: int, callbacks: list | No
         seconds["select"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    if v.reference == "oracle":  # the oracle is a cache: written before the anneal reads it
-        from flywheel.ablation.oracle import write_oracle_cache
+    from flywheel.ablation.oracle import ORACLE_ROLES, write_oracle_cache
 
-        write_oracle_cache(cfg, plan["references"]["rl"], reference)
+    if v.reference in ORACLE_ROLES:  # the oracle is a cache: written before the anneal reads it
+        write_oracle_cache(cfg, plan["references"]["rl"], reference, ORACLE_ROLES[v.reference])
     mid, points = midtrain_with_points(plan, cfg, base, reference, callbacks)
     seconds["midtrain"] = time.perf_counter() - t1
 
@@ -742,7 +748,7 @@ def finish_ablation(plan: dict[str, Any], base: dict[str, Any], cells: list[dict
     cfg = cell_config(plan, "ntp", plan["seeds"][0])
     # how good the guides are, scored like every post-trained model (zero-shot, chat template); reused by content
     refs = {role: _evaluate(cfg, path, "post") for role, path in plan["references"].items()
-            if path and role != "oracle"}  # the oracle's weights are the RL reference's
+            if path and not role.startswith("oracle")}  # an oracle's weights are the RL reference's
     report = summarize(plan, {**base, "references": refs}, cells)
     write_report(report, Path(plan["out_dir"]))
     log_report(_tracker(plan), plan["parent_run"], report, Path(plan["out_dir"]))

@@ -30,15 +30,17 @@ from flywheel.errors import FlywheelError
 
 ORACLE_KEY = "flywheel_oracle"
 ANSWER_LOGPROB = 0.0
+# the ablation's reference roles that are oracles, and what each is certain of (tokens.CERTAIN_OF)
+ORACLE_ROLES = {"oracle": "answers", "oracle_results": "results"}
 
 
-def oracle_folder(cfg: FlywheelConfig, reference: str) -> Path:
+def oracle_folder(cfg: FlywheelConfig, reference: str, certain_of: str = "answers") -> Path:
     """The oracle's folder for this RL reference (its weights, marked as an oracle); made once."""
     from flywheel.models import model_identity, resolve_model
 
     ref_path = Path(resolve_model(cfg, reference))
     ident = model_identity(str(ref_path))
-    final = cfg.home / "cache" / "oracle" / ident
+    final = cfg.home / "cache" / "oracle" / (ident if certain_of == "answers" else f"{ident}-{certain_of}")
     if (final / "config.json").exists():
         return final
     with atomic_dir(final) as tmp:
@@ -48,13 +50,11 @@ def oracle_folder(cfg: FlywheelConfig, reference: str) -> Path:
         config = json.loads((tmp / "config.json").read_text())
         config[ORACLE_KEY] = {"of": ident, "answer_logprob": ANSWER_LOGPROB,
                               "about": "RL reference with log p = 0 on every final-answer token"}
+        if certain_of != "answers":  # the first oracle's identity stays as it was made
+            config[ORACLE_KEY].update(certain_of=certain_of, about="RL reference with log p = 0 on every final-answer "
+                                                                   "token and every computed value (digits right of =)")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return final
-
-
-def is_oracle(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.exists() and ORACLE_KEY in json.loads(config.read_text())
 
 
 def oracle_logprobs(lp: np.ndarray, answers: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ def oracle_logprobs(lp: np.ndarray, answers: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_oracle_cache(cfg: FlywheelConfig, reference: str, oracle: str | Path) -> Path:
+def write_oracle_cache(cfg: FlywheelConfig, reference: str, oracle: str | Path, certain_of: str = "answers") -> Path:
     """The reference cache ReMiT will read for `oracle` on this config's mixture (reused when present)."""
     from flywheel.ablation.tokens import answer_mask, pieces
     from flywheel.models import load_tokenizer, tokenizer_identity
@@ -91,7 +91,7 @@ def write_oracle_cache(cfg: FlywheelConfig, reference: str, oracle: str | Path) 
             lo = c * source.cache.rows_per_chunk
             arr = np.array(source.cache.chunks[c], copy=True)
             for r in range(len(arr)):
-                mask = answer_mask(np.asarray(packed.input_ids[lo + r]), table)
+                mask = answer_mask(np.asarray(packed.input_ids[lo + r]), table, certain_of)
                 answers += int(mask.sum())
                 arr[r][mask] = ANSWER_LOGPROB
             with tempfile.NamedTemporaryFile(dir=partial, suffix=".tmp", delete=False) as f:
@@ -102,7 +102,7 @@ def write_oracle_cache(cfg: FlywheelConfig, reference: str, oracle: str | Path) 
             raise FlywheelError("the oracle reference: the mid-training data has no answer tokens (text after "
                                 "`####` on a line), so an oracle would equal the RL reference; use GSM-style data")
         index.update({"key": key, "chunks": chunks, "reference": str(oracle), "oracle_of": reference,
-                      "answer_tokens": answers})
+                      "answer_tokens": answers, "certain_of": certain_of})
         from flywheel.models import model_identity
 
         index["reference_identity"] = model_identity(str(oracle))

@@ -15,7 +15,7 @@ from flywheel.ablation.tokens import BUCKETS, CLASSES
 from flywheel.metrics import AVG
 
 MEASURES = ("all", *CLASSES, *BUCKETS)
-DIFF_MEASURES = ("avg", "answer", "digit", "operator", "prose", "top", "bottom")
+DIFF_MEASURES = ("avg", "answer", "result", "digit", "operator", "prose", "top", "bottom")
 
 
 def _variant(name: str) -> Any:
@@ -94,7 +94,7 @@ def differences(plan: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[
                                "points": []}
         for i in range(n_points):
             point: dict[str, Any] = {"tokens": mine[seeds[0]]["curve"][i]["tokens"]}
-            for m in DIFF_MEASURES:
+            for m in (*DIFF_MEASURES, "middle"):
                 pairs = [(a, b) for s in seeds
                          if (a := _pair_value(mine[s], m, role, i)) is not None
                          and (b := _pair_value(theirs[s], m, role, i)) is not None]
@@ -161,8 +161,8 @@ def plot_token_curves(summary: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ("answer", "digit", "operator", "prose", "top", "bottom")
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
+    panels = ("answer", "result", "digit", "operator", "prose", "top", "middle", "bottom")
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), sharex=True)
     colours = plt.get_cmap("tab20").colors
     for i, row in enumerate(summary["differences"]):
         colour = colours[(2 * i) % len(colours) + (i // 10) % 2]

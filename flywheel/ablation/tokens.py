@@ -9,7 +9,9 @@ Token classes (of the *predicted* token x_t, decided from the token ids and the 
 each id, so they work on any corpus that marks answers the GSM8K way):
     answer    a token after a `####` marker, up to the end of that line or document, with a non-space
               character (the final answer's digits);
-    digit     any other token containing a digit (the worked solution's numbers);
+    result    a token with a digit right of an `=` on its line: a computed value of the worked solution
+              (on the tiny world the final answer repeats the last one, so the work is done here);
+    digit     any other token containing a digit (operands: the question's numbers, left-hand sides);
     operator  a token whose non-space characters are all arithmetic: + - * / = ( ) x ×;
     prose     everything else: words, spaces, punctuation, line breaks, the `####` marker, end of document.
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-CLASSES = ("answer", "digit", "operator", "prose")
+CLASSES = ("answer", "result", "digit", "operator", "prose")
 BUCKETS = ("top", "middle", "bottom")
 ANSWER_MARK = "####"
 OPERATOR_CHARS = frozenset("+-*/=()x×")
@@ -69,19 +71,26 @@ def classify(ids: Sequence[int], table: Pieces) -> np.ndarray:
     starts = np.cumsum([0] + [len(t) for t in texts])
     full = "".join(texts)
     answer = np.zeros(len(full) + 1, dtype=bool)  # characters that belong to a final answer
-    at = full.find(ANSWER_MARK)
-    while at >= 0:
-        begin = at + len(ANSWER_MARK)
+    result = np.zeros(len(full) + 1, dtype=bool)  # characters right of an `=` on their line
+    begin = 0
+    while begin <= len(full):
         end = full.find("\n", begin)
         end = len(full) if end < 0 else end
-        answer[begin:end] = True
-        at = full.find(ANSWER_MARK, end)
+        mark, eq = full.find(ANSWER_MARK, begin, end), full.find("=", begin, end)
+        if mark >= 0:
+            answer[mark + len(ANSWER_MARK):end] = True
+        if eq >= 0:
+            result[eq + 1:end] = True
+        begin = end + 1
     out = np.empty(len(texts), dtype=np.int8)
     for i, text in enumerate(texts):
         stripped = text.strip()
+        digits = any(c.isdigit() for c in stripped)
         if stripped and answer[starts[i]] and "#" not in text:
             out[i] = _CODE["answer"]
-        elif any(c.isdigit() for c in stripped):
+        elif digits and result[starts[i]]:
+            out[i] = _CODE["result"]
+        elif digits:
             out[i] = _CODE["digit"]
         elif stripped and all(c in OPERATOR_CHARS for c in stripped):
             out[i] = _CODE["operator"]
@@ -90,9 +99,12 @@ def classify(ids: Sequence[int], table: Pieces) -> np.ndarray:
     return out
 
 
-def answer_mask(ids: Sequence[int], table: Pieces) -> np.ndarray:
-    """True where the token is part of a final answer (the oracle reference is certain there)."""
-    return classify(ids, table) == _CODE["answer"]
+CERTAIN_OF = {"answers": ("answer",), "results": ("answer", "result")}
+
+
+def answer_mask(ids: Sequence[int], table: Pieces, certain_of: str = "answers") -> np.ndarray:
+    """True where an oracle is certain: final-answer tokens, or (`results`) every computed value too."""
+    return np.isin(classify(ids, table), [_CODE[c] for c in CERTAIN_OF[certain_of]])
 
 
 def centred_delta(ref_lp: Sequence[np.ndarray], base_lp: Sequence[np.ndarray]) -> np.ndarray:
