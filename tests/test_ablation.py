@@ -296,12 +296,12 @@ def test_the_dose_study_plans_its_grid_and_refuses_a_missing_strong_reference(sm
         prepare_ablation(cfg, size="smoke", study="dose")
     with pytest.raises(FlywheelError, match="kd not in study dose"):
         prepare_ablation(cfg, ["kd"], size="smoke", study="dose")
-    plan = prepare_ablation(cfg, size="smoke", study="dose", seeds=3, strong_reference=str(report.paths.base))
+    plan = prepare_ablation(cfg, size="smoke", study="dose", seeds=4, strong_reference=str(report.paths.base))
     assert plan["posttrain"] is False and plan["accuracy_points"] == "end" and plan["kind"] == "dose"
-    assert len(plan["variants"]) == 15 and plan["variants"][0] == "remit_oracle_noclip"
+    assert len(plan["variants"]) == 16 and plan["variants"][:2] == ["remit_oracle_noclip", "remit_oracle_results_noclip"]
     from flywheel.ablation.harness import cell_seeds
 
-    assert cell_seeds(plan, "remit_noclip") == [0, 1, 2] and cell_seeds(plan, "remit_noclip_5x") == [0, 1]
+    assert cell_seeds(plan, "remit_noclip") == [0, 1, 2, 3] and cell_seeds(plan, "remit_noclip_5x") == [0, 1, 2]
     long, short = cell_config(plan, "remit_strong_eps0.5_5x", 0), cell_config(plan, "ntp", 0)
     assert long.midtrain.token_budget == 5 * short.midtrain.token_budget and long.midtrain.epsilon == 0.5
     assert Path(plan["token_heldout"]).is_file()

@@ -417,6 +417,9 @@ def _reference_notes(plan: dict[str, Any], idents: dict[str, str | None]) -> lis
     if plan["bootstrapped"]:
         notes.append(f"bootstrapped references ({', '.join(plan['bootstrapped'])}): the ntp cell of seed "
                      f"{plan['seeds'][0]} post-trained with the same chain, as a flywheel's round 0 does")
+    if not plan.get("posttrain", True):
+        notes.append(f"study {plan['kind']}: no post-training; accuracy is scored at the end of each anneal only, "
+                     "the held-out token loss at every point")
     roles = [r for r in ("rl", "sft", "weak", "dpo", "strong") if idents.get(r)]
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:
