@@ -480,6 +480,10 @@ def ablate(
         raise FlywheelError("CONFIG: flywheel ablate needs a config file (e.g. configs/demo.yaml), "
                             "or --list-variants to see the variants")
     cfg = _load(config)
+    from flywheel.ablation.harness import STUDIES
+
+    if study is not None and study not in STUDIES:  # before a Prefect server starts for nothing
+        raise FlywheelError(f"--study: must be one of {', '.join(STUDIES)} (got {study!r})")
     _prefect_env(cfg)
     from flows.ablation import flywheel_ablation
 

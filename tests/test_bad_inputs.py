@@ -285,6 +285,16 @@ def test_a_home_that_is_a_file_prints_the_path_as_text(tmp_path, capsys, monkeyp
     assert "PosixPath" not in err
 
 
+def test_an_unknown_ablation_study_is_one_sentence_before_any_server_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    assert main(["ablate", str(path), "--study", "doses"]) == 2
+    captured = capsys.readouterr()
+    assert "error: --study: must be one of dose (got 'doses')" in captured.err
+    assert "prefect" not in (captured.out + captured.err).lower()  # refused before a Prefect server started
+
+
 def test_the_summary_says_which_rewards_a_grpo_stage_uses_and_whether_they_are_the_default():
     default = dict(config_summary(validate_config({"name": "x"})))["post-training"]
     assert default == "sft → grpo; stage 1 rewards: math_answer, format (the default: rewards is not set)"
