@@ -25,9 +25,9 @@ UNCACHED = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _no_re
 def plan_task(config: str, variants: list[str] | None, seeds: int | list[int] | None, size: str,
               reference: str | None, sft_reference: str | None, weak_reference: str | None,
               threads: int | None, dpo_reference: str | None = None, strong_reference: str | None = None,
-              study: str | None = None) -> dict[str, Any]:
+              study: str | None = None, heldout: str | None = None) -> dict[str, Any]:
     return harness.prepare_ablation(load_config(config), variants, seeds, size, reference, sft_reference,
-                                    weak_reference, threads=threads, dpo_reference=dpo_reference,
+                                    weak_reference, heldout=heldout, threads=threads, dpo_reference=dpo_reference,
                                     strong_reference=strong_reference, study=study)
 
 
@@ -64,17 +64,20 @@ def flywheel_ablation(
     dpo_reference: str | None = None,
     strong_reference: str | None = None,
     study: str | None = None,
+    heldout: str | None = None,
 ) -> dict[str, Any]:
     """Mid-train every variant × seed from one base on the same data; evaluate along and after post-training.
 
     `size`: smoke (minutes), full (`make replicate`), or config (the config as written); `threads`
     overrides the size's torch thread count. `study`: a named set of variants (`dose`: the dose-response
-    grid with its positive control), which sets the size to its own unless one is given.
+    grid with its positive control), which sets the size to its own unless one is given. `heldout`: a .jsonl
+    with a `text` field, held-out text of the mid-training distribution for KL and the token-level measures
+    (the tiny world makes its own).
     """
     logger = get_run_logger()
     os.environ.setdefault("FLYWHEEL_HOME", str(load_config(config).home))
     plan = plan_task(config, variants, seeds, size, reference, sft_reference, weak_reference, threads,
-                     dpo_reference, strong_reference, study)
+                     dpo_reference, strong_reference, study, heldout)
     plan = references_task(plan)
     logger.info("ablation %s: %s × seeds %s; references %s", plan["study"], ", ".join(plan["variants"]),
                 plan["seeds"], plan["references"])

@@ -466,6 +466,8 @@ def ablate(
                                 "variants (the dose study).")] = None,
     study: Annotated[str | None, typer.Option(help="A named set of variants instead of --variants: dose "
                      "(clip ε × reference × anneal length, with the oracle positive control).")] = None,
+    heldout: Annotated[str | None, typer.Option(help="Held-out text of the mid-training distribution (.jsonl with "
+                       "a text field) for KL and the token-level loss (the tiny world makes its own).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (smoke/full: 1).")] = None,
 ) -> None:
     """Ablation: every variant × seed from one base on the same data; tables with 95% CIs, tokens-to-NTP, KL, plot."""
@@ -491,7 +493,7 @@ def ablate(
     report = flywheel_ablation(str(config), variants=names, seeds=seeds, size="smoke" if smoke else size,
                                reference=reference, sft_reference=sft_reference, weak_reference=weak_reference,
                                threads=threads, dpo_reference=dpo_reference, strong_reference=strong_reference,
-                               study=study)
+                               study=study, heldout=heldout)
     console.print(report["markdown"], markup=False, highlight=False)
     console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
 

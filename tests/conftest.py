@@ -38,7 +38,9 @@ def capability_missing(reason: str) -> None:
     """
     if os.environ.get("FLYWHEEL_REQUIRE_CAPABILITIES") == "1":
         pytest.fail(f"required on CI: {reason}")
-    else:  # off CI only: a laptop may lack bubblewrap/unshare, so the defence cannot be exercised there
+    else:
+        # Off CI only. A laptop may lack bubblewrap, unshare or root tmpfs mounts, and then the defence
+        # cannot be exercised at all. `.ci/run` sets the variable above, so there this same call fails.
         pytest.skip(reason)
 
 

@@ -219,9 +219,7 @@ def _token_heldout(cfg: FlywheelConfig, heldout: str | None) -> str | None:
     path = cfg.home / "cache" / "heldout" / f"midtrain-s{cfg.seed}-{HELDOUT_DOCS}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        write_jsonl(tmp, ({"text": t} for t in heldout_midtrain_docs(HELDOUT_DOCS, cfg.seed)))
-        tmp.replace(path)
+        write_jsonl(path, ({"text": t} for t in heldout_midtrain_docs(HELDOUT_DOCS, cfg.seed)))  # atomic
     return str(path)
 
 

@@ -23,10 +23,8 @@ are computed once per reference); the pooled held-out tokens are cut at the tert
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +45,18 @@ class Pieces:
     special: frozenset[int]
 
 
+_PIECES: dict[str, Pieces] = {}
+
+
 def pieces(tok: Any) -> Pieces:
-    """Each id's decoded text (so byte-level markers like Ġ are spaces again), computed once per tokenizer."""
-    vocab = tok.get_vocab()
-    size = max(len(tok), max(vocab.values()) + 1)
-    key = hashlib.sha256(repr(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()
-    return _pieces(key, size, tok)
+    """Each id's decoded text (so byte-level markers like Ġ are spaces again), computed once per vocabulary."""
+    from flywheel.models import tokenizer_identity
 
-
-@lru_cache(maxsize=4)
-def _pieces(key: str, size: int, tok: Any) -> Pieces:  # noqa: ARG001 - key: the cache's identity
-    return Pieces(tuple(tok.decode([i]) for i in range(size)), frozenset(tok.all_special_ids))
+    key = tokenizer_identity(tok)
+    if key not in _PIECES:
+        size = max(len(tok), max(tok.get_vocab().values()) + 1)
+        _PIECES[key] = Pieces(tuple(tok.decode([i]) for i in range(size)), frozenset(tok.all_special_ids))
+    return _PIECES[key]
 
 
 def classify(ids: Sequence[int], table: Pieces) -> np.ndarray:
@@ -161,7 +160,6 @@ def scores(model: Any, docs: list[list[int]], pad: int, batch: int = 32, kernel:
 
     from flywheel.remit.kernels import token_logprobs_of
 
-    out: list[np.ndarray] = []
     order = sorted(range(len(docs)), key=lambda i: len(docs[i]))  # similar lengths per batch: less padding
     by_index: dict[int, np.ndarray] = {}
     with torch.inference_mode():
@@ -172,8 +170,7 @@ def scores(model: Any, docs: list[list[int]], pad: int, batch: int = 32, kernel:
             lp = token_logprobs_of(model, ids, kernel).float().cpu().numpy()
             for row, i in enumerate(idx):
                 by_index[i] = lp[row, : len(docs[i]) - 1].copy()
-    out = [by_index[i] for i in range(len(docs))]
-    return out
+    return [by_index[i] for i in range(len(docs))]
 
 
 def model_scores(cfg: Any, model_path: str | Path, held: HeldoutTokens, cache_dir: Path,
