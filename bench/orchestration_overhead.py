@@ -6,7 +6,7 @@
    nproc_per_node: 1}`): a fresh process per stage under torchrun, input and result as JSON,
    logs copied to MLflow. One process, so the work is the same and only the launching differs.
 
-All three run the very same `flywheel.rounds` stage functions on the same world; each repeat uses
+All three run the very same `flywheel.round` stage table on the same world; each repeat uses
 fresh flywheel names (nothing is reused from a cache), the paths are interleaved and medians
 compared. `--size demo` (the default) is configs/demo.yaml's round on the demo world (its world is
 copied from ./.flywheel when one was built there, else built: ~3 minutes); `--size tiny` is a
@@ -64,7 +64,7 @@ def main() -> None:
 
     from flows.round import flywheel_round
     from flywheel.config import load_config
-    from flywheel.rounds import run_round_direct
+    from flywheel.round.direct import run_round_direct
     from flywheel.world.build import build_world
 
     if args.size == "demo":

@@ -1,8 +1,9 @@
-"""Prefect flow `flywheel-ablation`: thin wiring over `flywheel.ablation.harness`.
+"""Prefect flow `flywheel-ablation`: thin wiring over `flywheel.ablation`.
 
 One task per (variant, seed) cell, each with retries and a cached result, run one after the
 other (the cells share the machine): a crashed cell is recorded as failed and the table is
-still written from the others; a rerun recomputes only what is missing.
+still written from the others; a rerun recomputes only what is missing. The plan crosses each
+task boundary as JSON (`AblationPlan.to_json` / `from_json`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.round import STAGE, LogProgress, _no_retry_on_user_error
-from flywheel.ablation import harness
+from flywheel.ablation.cell import evaluate_base, run_cell
+from flywheel.ablation.plan import AblationPlan, cell_seeds, prepare_ablation
+from flywheel.ablation.references import resolve_references
+from flywheel.ablation.study import failed_cell, finish_ablation
 from flywheel.config import load_config
 
 # Resolving references creates the study's MLflow parent run: never served from a stale Prefect cache.
@@ -26,29 +30,30 @@ def plan_task(config: str, variants: list[str] | None, seeds: int | list[int] | 
               reference: str | None, sft_reference: str | None, weak_reference: str | None,
               threads: int | None, dpo_reference: str | None = None, strong_reference: str | None = None,
               study: str | None = None, heldout: str | None = None) -> dict[str, Any]:
-    return harness.prepare_ablation(load_config(config), variants, seeds, size, reference, sft_reference,
-                                    weak_reference, heldout=heldout, threads=threads, dpo_reference=dpo_reference,
-                                    strong_reference=strong_reference, study=study)
+    return prepare_ablation(load_config(config), variants, seeds, size, reference, sft_reference,
+                            weak_reference, heldout=heldout, threads=threads, dpo_reference=dpo_reference,
+                            strong_reference=strong_reference, study=study).to_json()
 
 
 @task(name="ablation-references", **UNCACHED)
 def references_task(plan: dict[str, Any]) -> dict[str, Any]:
-    return harness.resolve_references(plan)
+    return resolve_references(AblationPlan.from_json(plan)).to_json()
 
 
 @task(name="ablation-base-eval", **STAGE)
 def base_task(plan: dict[str, Any]) -> dict[str, Any]:
-    return harness.evaluate_base(plan)
+    return evaluate_base(AblationPlan.from_json(plan))
 
 
 @task(name="ablation-cell", task_run_name="{variant}/seed-{seed}", **STAGE)
 def cell_task(plan: dict[str, Any], variant: str, seed: int) -> dict[str, Any]:
-    return harness.run_cell(plan, variant, seed, callbacks=[LogProgress(f"{variant}/seed-{seed} midtrain")])
+    return run_cell(AblationPlan.from_json(plan), variant, seed,
+                    callbacks=[LogProgress(f"{variant}/seed-{seed} midtrain")])
 
 
 @task(name="ablation-report")
 def report_task(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
-    return harness.finish_ablation(plan, base, cells, echo=False)
+    return finish_ablation(AblationPlan.from_json(plan), base, cells, echo=False)
 
 
 @flow(name="flywheel-ablation")
@@ -79,20 +84,21 @@ def flywheel_ablation(
     plan = plan_task(config, variants, seeds, size, reference, sft_reference, weak_reference, threads,
                      dpo_reference, strong_reference, study, heldout)
     plan = references_task(plan)
-    logger.info("ablation %s: %s × seeds %s; references %s", plan["study"], ", ".join(plan["variants"]),
-                plan["seeds"], plan["references"])
+    typed = AblationPlan.from_json(plan)
+    logger.info("ablation %s: %s × seeds %s; references %s", typed.study, ", ".join(typed.variants),
+                typed.seeds, typed.references)
     base = base_task(plan)
     cells = []
-    for variant in plan["variants"]:
-        for seed in harness.cell_seeds(plan, variant):
+    for variant in typed.variants:
+        for seed in cell_seeds(typed, variant):
             state = cell_task(plan, variant, seed, return_state=True)
             if state.is_completed():
                 cells.append(state.result())
             else:
                 logger.error("cell %s/seed-%s failed: %s", variant, seed, state.message)
-                cells.append(harness.failed_cell(variant, seed, state.message or state.name or "failed"))
+                cells.append(failed_cell(variant, seed, state.message or state.name or "failed"))
     report = report_task(plan, base, cells)
-    logger.info("ablation %s\n%s\nreport: %s", plan["study"], report["markdown"], report["files"]["json"])
-    create_markdown_artifact(report["markdown"], key=f"ablation-{plan['study']}",
-                             description=f"{plan['name']} ablation {plan['study']}")
+    logger.info("ablation %s\n%s\nreport: %s", typed.study, report["markdown"], report["files"]["json"])
+    create_markdown_artifact(report["markdown"], key=f"ablation-{typed.study}",
+                             description=f"{typed.name} ablation {typed.study}")
     return report

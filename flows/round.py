@@ -1,8 +1,9 @@
-"""Prefect flows: thin wiring over `flywheel.rounds` stage functions.
+"""Prefect flows: thin wiring over the round's stage table (`flywheel.round.table`).
 
-`flywheel_round` runs one round (the registry says which); `flywheel` runs rounds until N
-exist. Prefect gives the UI, schedules, retries, result caching and a global concurrency
-limit per flywheel, so two triggers become two consecutive rounds, never two copies of one.
+`flywheel_round` runs one round (the registry says which) as one Prefect task per entry of the
+stage table; `flywheel` runs rounds until N exist. Prefect gives the UI, schedules, retries, result
+caching and a global concurrency limit per flywheel, so two triggers become two consecutive rounds,
+never two copies of one.
 
 No `log_prints`: Prefect's print patch bypasses `sys.stdout`, so dill's `nestedglobals` (used by
 `datasets` to fingerprint `.map` functions) captured nothing and dumped bytecode into the run log.
@@ -21,11 +22,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import rounds
 from flywheel.config import FlywheelConfig, LaunchSpec, load_config, validate_config
 from flywheel.console import stage_line, stage_log_path, stage_summary, tell, trainer_progress
 from flywheel.errors import FlywheelError, is_permanent_os_error
 from flywheel.launch import launched
+from flywheel.round.checks import check_gate_metric
+from flywheel.round.plan import RoundPlan, plan_round
+from flywheel.round.report import round_report
+from flywheel.round.table import STAGES, Results, Stage
 from flywheel.safety import ProgressLog
 from flywheel.slot import RoundSlot
 
@@ -80,60 +84,34 @@ def _launch(cfg: FlywheelConfig, stage: str) -> LaunchSpec:
     return spec
 
 
-def _stage(config: dict[str, Any], stage: str, plan: dict[str, Any],
-           here: Callable[[FlywheelConfig], dict[str, Any]], label: str | None = None, **args: Any) -> dict[str, Any]:
+def _stage(config: dict[str, Any], stage: Stage, plan: RoundPlan, arguments: dict[str, Any]) -> dict[str, Any]:
     """Run a stage in this process (launch kind local) or as a launched job whose result is read back.
 
     Under `flywheel demo | round | run` the terminal shows the stage's live line, then its result line."""
     cfg = _cfg(config)
-    name = f"{stage}/{args['kind']}" if "kind" in args else stage
-    log = stage_log_path(cfg.home, cfg.name, plan["round"], name)
-    with stage_line(plan["round"], name, stage_summary(cfg, stage), log=log) as line:
-        if stage == "score_reference" and not rounds.needs_scoring(cfg, plan):
-            return line.done({"cache": None})  # nothing to score (an NTP round, online mode): no job to launch
-        spec = _launch(cfg, stage)
+    log = stage_log_path(cfg.home, cfg.name, plan.round, stage.name)
+    with stage_line(plan.round, stage.name, stage_summary(cfg, stage.name), log=log) as line:
+        if not stage.applies_to(cfg, plan):  # e.g. nothing to score (an NTP round, online mode): no job to launch
+            return line.done(dict(stage.skipped))
+        spec = _launch(cfg, stage.launch) if stage.launch else LaunchSpec()
         if spec.kind == "local":
-            return line.done(here(cfg))
-        logger = get_run_logger()
-        return line.done(launched(cfg, stage, {"config": config, "plan": plan, **args}, spec,
-                                  line.say(logger.info), label=label))
+            return line.done(stage.call(cfg, plan, arguments, callbacks=[LogProgress(stage.name)]))
+        say = line.say(get_run_logger().info)
+        return line.done(launched(cfg, stage.launch, plan, arguments, spec, say, label=stage.label))
 
 
 @task(name="plan-round")
-def plan_round_task(config: dict[str, Any], round: int | None) -> dict[str, Any]:
-    return rounds.plan_round(_cfg(config), round)
+def plan_round_task(config: dict[str, Any], round: int | None) -> RoundPlan:
+    return plan_round(_cfg(config), round)
 
 
-@task(name="score-reference", **STAGE)
-def score_reference_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    return _stage(config, "score_reference", plan, lambda cfg: rounds.stage_score_reference(cfg, plan))
+def stage_task(stage: Stage):  # noqa: ANN201 - a prefect Task
+    """The stage as a Prefect task, named as the UI shows it (score-reference, midtrain, evaluate, ...)."""
 
+    def run_stage(config: dict[str, Any], plan: RoundPlan, arguments: dict[str, Any]) -> dict[str, Any]:
+        return _stage(config, stage, plan, arguments)
 
-@task(name="midtrain", **STAGE)
-def midtrain_task(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    return _stage(config, "midtrain", plan,
-                  lambda cfg: rounds.stage_midtrain(cfg, plan, callbacks=[LogProgress("midtrain")]))
-
-
-@task(name="evaluate", **STAGE)
-def evaluate_task(config: dict[str, Any], plan: dict[str, Any], checkpoint: str, kind: str) -> dict[str, Any]:
-    return _stage(config, "evaluate", plan, lambda cfg: rounds.stage_evaluate(cfg, plan, checkpoint, kind),
-                  label=f"evaluate-{kind}", checkpoint=checkpoint, kind=kind)
-
-
-@task(name="posttrain", **STAGE)
-def posttrain_task(config: dict[str, Any], plan: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    return _stage(config, "posttrain", plan,
-                  lambda cfg: rounds.stage_posttrain(cfg, plan, base, callbacks=[LogProgress("posttrain")]),
-                  base=base)
-
-
-@task(name="promote", **STAGE)
-def promote_task(config: dict[str, Any], plan: dict[str, Any], rl: dict[str, Any],
-                 post_eval: dict[str, Any]) -> dict[str, Any]:
-    cfg = _cfg(config)
-    with stage_line(plan["round"], "promote", stage_summary(cfg, "promote")) as line:
-        return line.done(rounds.stage_promote(cfg, plan, rl, post_eval))
+    return task(name=stage.task, **STAGE)(run_stage)
 
 
 def concurrency_limit_name(cfg: FlywheelConfig) -> str:
@@ -273,7 +251,7 @@ def flywheel_round(
     logger = get_run_logger()
     cfg = apply_overrides(load_config(config), objective, token_budget, epsilon, force_promotion)
     data = cfg.model_dump(mode="json")
-    rounds.check_gate_metric(cfg)  # before waiting for the slot, before any work
+    check_gate_metric(cfg)  # before waiting for the slot, before any work
     from prefect.runtime import flow_run
 
     # The next round is decided inside the slot, so two triggers become two rounds and a rerun after a kill
@@ -288,25 +266,33 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
     """The stages of one round, run while this trigger holds the flywheel's slot."""
     logger = get_run_logger()
     plan = plan_round_task(data, round)
-    if plan["finished"]:
-        tell(logger.info)("round %s is finished already (RL version %s); nothing to do", plan["round"],
-                          plan["rl_version"])
-        return plan
-    tell(logger.info)("round %d%s: %s", plan["round"], " (resumed)" if plan.get("resumed") else "",
-                      f"ReMiT guided by {plan['reference_version']}" if plan["reference_version"] else "NTP (round 0)")
-    score_reference_task(data, plan)
-    base = midtrain_task(data, plan)
-    if base.get("note"):
-        logger.warning(base["note"])
-    base_eval = evaluate_task(data, plan, base["checkpoint"], "base")
-    rl = posttrain_task(data, plan, base)
-    post_eval = evaluate_task(data, plan, rl["checkpoint"], "post")
-    decision = promote_task(data, plan, rl, post_eval)
-    report = rounds.round_report(cfg, plan, base_eval, post_eval, decision, note=base.get("note"))
-    create_markdown_artifact(report, key=f"{cfg.name}-round-{plan['round']}".lower().replace("_", "-"),
-                             description=f"{cfg.name} round {plan['round']}")
-    logger.info("round %d done: %s", plan["round"], decision["reason"])
-    return {**plan, "base": base, "rl": rl, "base_eval": base_eval, "post_eval": post_eval, "decision": decision}
+    if plan.finished:
+        tell(logger.info)("round %s is finished already (RL version %s); nothing to do", plan.round,
+                          plan.rl_version)
+        return plan.to_json()
+    tell(logger.info)("round %d%s: %s", plan.round, " (resumed)" if plan.resumed else "",
+                      f"ReMiT guided by {plan.reference_version}" if plan.reference_version else "NTP (round 0)")
+    results = run_table(data, plan)
+    decision = results["decision"]
+    report = round_report(cfg, plan, results["base_eval"], results["post_eval"], decision,
+                          note=results["base"].get("note"))
+    create_markdown_artifact(report, key=f"{cfg.name}-round-{plan.round}".lower().replace("_", "-"),
+                             description=f"{cfg.name} round {plan.round}")
+    logger.info("round %d done: %s", plan.round, decision["reason"])
+    return {**plan.to_json(), **results}
+
+
+def run_table(data: dict[str, Any], plan: RoundPlan) -> Results:
+    """The stage table in order, one task each; every stage gets the earlier results it needs.
+
+    A stage's note (the flywheel standing still) becomes a warning in the run log."""
+    logger = get_run_logger()
+    results: Results = {}
+    for stage in STAGES:
+        results[stage.key] = stage_task(stage)(data, plan, stage.arguments(results))
+        if results[stage.key].get("note"):
+            logger.warning(results[stage.key]["note"])
+    return results
 
 
 @flow(name="flywheel")

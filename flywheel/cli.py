@@ -15,23 +15,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from flywheel.env import apply_cli_env, apply_offline_env, hub_references
+from flywheel.env import apply_offline_env, command_config, prepare_command, use_flywheel_prefect
 
 # Telemetry off before anything imports MLflow or Prefect; the offline switch waits for main(), which reads the
 # config first (a hub config must reach the hub, the tiny world never does).
 apply_offline_env(offline=False)
 
-from flywheel.config import (  # noqa: E402
-    WORLD_SIZES,
-    FlywheelConfig,
-    check_home_writable,
-    config_home,
-    config_summary,
-    load_config,
-)
+from flywheel import views  # noqa: E402
+from flywheel.config import FlywheelConfig, config_home, load_config  # noqa: E402
 from flywheel.errors import ConfigError, FlywheelError, QuietUserErrors, os_error_sentence  # noqa: E402
+from flywheel.refs import WORLD_SIZES  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Flywheel: ReMiT mid-training guided by the last round's RL model, round after round.")
@@ -47,18 +41,11 @@ def _load(path: Path) -> FlywheelConfig:
     return load_config(path)
 
 
-def _print_summary(cfg: FlywheelConfig, title: str) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
-    for label, value in config_summary(cfg):
-        table.add_row(label, value)
-    console.print(table)
-
-
 @app.command()
 def validate(config: ConfigArg) -> None:
     """Check a config and print a short summary; one line per problem and exit 2 when invalid."""
     cfg = _load(config)
-    _print_summary(cfg, f"{config}: valid")
+    views.config_table(console, cfg, f"{config}: valid")
 
 
 @world_app.command("build")
@@ -75,31 +62,7 @@ def world_build(
     from flywheel.world.build import build_world
 
     report = build_world(cfg, size)
-    _print_world_report(report)
-
-
-def _print_world_report(report) -> None:  # noqa: ANN001 - BuildReport, imported lazily
-    from flywheel.world.tasks import LEVEL_NAMES
-
-    p = report.paths
-    console.print(f"[bold]tiny world[/] {p.root}  ({'reused' if report.reused_corpora else 'built'})")
-    console.print("  corpora: " + ", ".join(f"{k} {v:,}" for k, v in report.counts.items()))
-    console.print(f"  base ({p.size}, {report.params / 1e6:.2f}M params): {p.base}  "
-                  f"({'reused' if report.reused_base else 'pre-trained'})")
-    if report.heldout_loss is not None:
-        console.print(f"  held-out pre-training loss: {report.heldout_loss:.3f}")
-    if report.ladder:
-        table = Table(title="pre-anneal base, greedy accuracy on held-out problems", title_justify="left")
-        table.add_column("level")
-        table.add_column("task")
-        table.add_column("accuracy", justify="right")
-        for lvl, acc in report.ladder.items():
-            table.add_row(f"L{lvl}", LEVEL_NAMES[lvl], f"{100 * acc:.0f}%")
-        mean = sum(report.ladder.values()) / len(report.ladder)
-        table.add_row("mean", "", f"{100 * mean:.1f}%")
-        console.print(table)
-        console.print("  Mid-training should raise the middle levels; the hardest should stay out of reach.")
-    console.print(f"  took {report.seconds:.0f} s")
+    views.world_report(console, report)
 
 
 @app.command("prepare-data")
@@ -132,21 +95,7 @@ def prepare_data_cmd(
 
         corpus = build_mixture(cfg, tok, tokenizer_identity(tok), workers=workers, on_source=on_source,
                                on_tokens=on_tokens)
-    meta = corpus.meta
-    table = Table(title=f"mixture {corpus.folder}", title_justify="left")
-    for col in ("source", "documents", "tokens", "windows", "epochs", "bytes on disk"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for s in meta["sources"]:
-        table.add_row(s["source"], f"{s['documents']:,}", f"{s['store_tokens']:,}", f"{s['windows']:,}",
-                      f"{s['epochs']:.2f}", f"{s['bytes'] / 2**20:,.1f} MiB")
-    console.print(table)
-    built = {b.store.key: b for b in corpus.builds}
-    for s in meta["sources"]:
-        b = built.get(s["store"])
-        state = f"built in {b.seconds:.1f} s ({s['store_tokens'] / max(b.seconds, 1e-9):,.0f} tokens/s)" if b else "reused"
-        console.print(f"  {s['source']}: store {s['store']} {state}")
-    console.print(f"  {meta['rows']:,} windows x {meta['seq_len']} = {meta['tokens']:,} tokens "
-                  f"(midtrain.token_budget {cfg.midtrain.token_budget:,})")
+    views.mixture_report(console, cfg, corpus)
 
 
 @app.command("score-reference")
@@ -161,12 +110,7 @@ def score_reference_cmd(
         raise FlywheelError("midtrain.reference: no reference model to score with; set it or pass --reference")
     from flywheel.remit.scoring import score_reference
 
-    rep = score_reference(cfg, reference)
-    meta = rep.corpus.meta
-    state = f"scored {len(rep.computed_chunks)} chunk(s)" if rep.computed_chunks else "reused"
-    speed = f", {rep.tokens_per_second:,.0f} tokens/s" if rep.tokens_per_second else ""
-    console.print(f"reference cache {rep.cache.folder} ({state}{speed})")
-    console.print(f"  corpus {rep.corpus.folder}: {meta['rows']:,} rows × {meta['seq_len']} = {meta['tokens']:,} tokens")
+    views.reference_cache_report(console, score_reference(cfg, reference))
 
 
 @app.command("midtrain")
@@ -182,10 +126,7 @@ def midtrain_cmd(
     res = midtrain(cfg, base=base, reference=reference)
     if os.environ.get("RANK", "0") != "0":
         return  # under accelerate launch, only the main process reports
-    state = "reused" if res.reused else (f"resumed from {res.resumed_from}" if res.resumed_from else "trained")
-    console.print(f"mid-trained checkpoint: {res.checkpoint} ({state}, {res.seconds:.0f} s)")
-    if res.html:
-        console.print(f"token weights page: {res.html}")
+    views.midtrain_report(console, res)
 
 
 @app.command("posttrain")
@@ -201,15 +142,7 @@ def posttrain_cmd(
     logging.getLogger("flywheel.posttrain").setLevel(logging.INFO)
     from flywheel.posttrain import posttrain
 
-    res = posttrain(cfg, checkpoint)
-    table = Table(title="post-training", title_justify="left")
-    for col in ("stage", "kind", "steps", "s/step", "state"):
-        table.add_column(col)
-    for st in res.stages:
-        state = "reused" if st.reused else (f"resumed from {st.resumed_from}" if st.resumed_from else "trained")
-        table.add_row(str(st.index), st.kind, str(st.steps), f"{st.seconds_per_step:.2f}", state)
-    console.print(table)
-    console.print(f"RL checkpoint: {res.checkpoint}")
+    views.posttrain_report(console, posttrain(cfg, checkpoint))
 
 
 @app.command("evaluate")
@@ -236,25 +169,9 @@ def stage_cmd(
     result_file: Annotated[Path, typer.Option("--result", help="Where rank 0 writes the stage's result.")],
 ) -> None:
     """One stage of a round as a launched job (what `launch: torchrun | accelerate` runs on every rank)."""
-    import json
+    from flywheel.launch.worker import run_launched_stage
 
-    from flywheel.config import validate_config
-    from flywheel.data.io import write_json
-    from flywheel.launch import rank_logs_to_file, watch_parent
-    from flywheel.safety import ProgressLog
-
-    rank_logs_to_file()
-    watch_parent()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name_ in ("flywheel", "flywheel.posttrain", "flywheel.midtrain"):
-        logging.getLogger(name_).setLevel(logging.INFO)
-    payload = json.loads(input_file.read_text())
-    cfg = validate_config(payload["config"], str(input_file))
-    from flywheel import rounds
-
-    out = rounds.run_named_stage(name, cfg, payload, callbacks=[ProgressLog(name, lambda m: print(m, flush=True))])
-    if rounds.is_main_rank():
-        write_json(result_file, out)
+    run_launched_stage(name, input_file, result_file)
 
 
 @app.command("render-job")
@@ -288,7 +205,7 @@ def render_job_cmd(
 @app.command()
 def compare(config: ConfigArg) -> None:
     """Rounds × metrics with deltas against the previous round and round 0; writes and logs a PNG plot."""
-    _print_comparison(_load(config), prefix="")
+    views.comparison(console, _load(config), prefix="")
 
 
 @app.command()
@@ -323,32 +240,6 @@ def ui(
         raise typer.Exit(code)
 
 
-def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM ends the command through Python's normal exit, so atexit stops Prefect's temporary server.
-
-    Prefect turns SIGTERM into a crash of the flow run and then re-sends it to the handler it found;
-    with the default one the process died on the spot and left its temporary server running.
-    """
-    import signal
-    import threading
-
-    def _exit(signum, frame) -> None:  # noqa: ANN001
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit)
-
-
-def _prefect_env(cfg: FlywheelConfig) -> None:
-    """Flows record to the flywheel's own embedded Prefect store unless a server is configured."""
-    _exit_cleanly_on_sigterm()
-    if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str(cfg.home / "prefect"))
-        # Prefect creates only the last folder of its home: a fresh flywheel home failed the first run.
-        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("FLYWHEEL_HOME", str(cfg.home))
-
-
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show every library's output (Trainer logs, "
                        "progress bars, warnings, Prefect's lines) instead of one line per stage.")]
 
@@ -370,17 +261,14 @@ def round_cmd(
 ) -> None:
     """Run one flywheel round through the Prefect flow: one line per stage; each stage's log under home/logs."""
     cfg = _load(config)
-    _prefect_env(cfg)
+    use_flywheel_prefect(cfg.home)
     from flywheel.console import quiet_terminal
 
     with quiet_terminal(verbose):
         from flows.round import flywheel_round
 
         result = flywheel_round(str(config), round=round_n)
-    console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"),
-                  soft_wrap=True)
-    if (result.get("base") or {}).get("note"):
-        console.print(f"note: {result['base']['note']}", soft_wrap=True)
+    views.round_outcome(console, result)
 
 
 @app.command("run")
@@ -391,7 +279,7 @@ def run_cmd(
 ) -> None:
     """Build the world if needed, then run rounds until N exist; running again with a larger N continues."""
     cfg = _load(config)
-    _prefect_env(cfg)
+    use_flywheel_prefect(cfg.home)
     from flywheel.console import quiet_terminal
 
     with quiet_terminal(verbose):
@@ -400,21 +288,7 @@ def run_cmd(
         from flows.round import flywheel
 
         flywheel(str(config), rounds_total=rounds)
-    _print_comparison(cfg)
-
-
-ROUND_TABLE = ("post/", "remit/", "dynamics/")  # the RL model's scores, the weights of its anneal, its KL to the guide
-
-
-def _print_comparison(cfg: FlywheelConfig, prefix: str | tuple[str, ...] = ROUND_TABLE) -> None:
-    """The rounds table (RL-model metrics and the guidance's dynamics by default; "" for every metric), its plot."""
-    from flywheel.tracking.compare import compare as run_compare
-    from flywheel.tracking.store import open_tracker
-
-    result = run_compare(open_tracker(cfg), prefix=prefix)
-    console.print(result.text, markup=False, highlight=False, soft_wrap=True)  # a table row is one line
-    if result.plot:
-        console.print(f"plot: {result.plot}")
+    views.comparison(console, cfg)
 
 
 @app.command()
@@ -424,7 +298,7 @@ def serve(
 ) -> None:
     """Serve the flywheel-round and flywheel-scheduled deployments from this process."""
     cfg = _load(config)
-    _prefect_env(cfg)
+    use_flywheel_prefect(cfg.home)
     from flows.deploy import serve as serve_deployments
 
     serve_deployments(str(config), cron)
@@ -472,7 +346,7 @@ def ablate(
 ) -> None:
     """Ablation: every variant × seed from one base on the same data; tables with 95% CIs, tokens-to-NTP, KL, plot."""
     if list_variants:
-        from flywheel.ablation.harness import VARIANTS
+        from flywheel.ablation.catalogue import VARIANTS
 
         width = max(map(len, VARIANTS))
         for name, v in VARIANTS.items():
@@ -482,11 +356,11 @@ def ablate(
         raise FlywheelError("CONFIG: flywheel ablate needs a config file (e.g. configs/demo.yaml), "
                             "or --list-variants to see the variants")
     cfg = _load(config)
-    from flywheel.ablation.harness import STUDIES
+    from flywheel.ablation.catalogue import STUDIES
 
     if study is not None and study not in STUDIES:  # before a Prefect server starts for nothing
         raise FlywheelError(f"--study: must be one of {', '.join(STUDIES)} (got {study!r})")
-    _prefect_env(cfg)
+    use_flywheel_prefect(cfg.home)
     from flows.ablation import flywheel_ablation
 
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
@@ -494,8 +368,7 @@ def ablate(
                                reference=reference, sft_reference=sft_reference, weak_reference=weak_reference,
                                threads=threads, dpo_reference=dpo_reference, strong_reference=strong_reference,
                                study=study, heldout=heldout)
-    console.print(report["markdown"], markup=False, highlight=False)
-    console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
+    views.ablation_report(console, report)
 
 
 @app.command()
@@ -507,17 +380,15 @@ def demo(config: ConfigArg = Path("configs/demo.yaml"), verbose: VerboseOpt = Fa
 
     t0 = time.perf_counter()
     cfg = _load(config)
-    _print_summary(cfg, f"{config}")
-    _prefect_env(cfg)
+    views.config_table(console, cfg, f"{config}")
+    use_flywheel_prefect(cfg.home)
     with quiet_terminal(verbose):
-        _print_world_report(_world_quietly(cfg))
+        views.world_report(console, _world_quietly(cfg))
         from flows.round import flywheel
 
         results = flywheel(str(config), rounds_total=3)
-    _print_comparison(cfg)
-    for r in results:
-        if (r.get("base") or {}).get("note"):
-            console.print(f"note: {r['base']['note']}", soft_wrap=True)
+    views.comparison(console, cfg)
+    views.notes(console, results)
     console.print(f"demo took {time.perf_counter() - t0:.0f} s. See every run: flywheel ui {config}")
 
 
@@ -533,24 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         logger = logging.getLogger(name)
         if not any(isinstance(f, QuietUserErrors) for f in logger.filters):
             logger.addFilter(QuietUserErrors())
-    words = [a for a in args if not a.startswith("-")]
-    config_arg = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
-    if config_arg is None and words[:2] in (["demo"], ["world", "build"]):
-        config_arg = "configs/demo.yaml"  # their default config
+    config_arg = command_config(args)
     try:
-        early = None
-        if words and "--help" not in args and config_arg:
-            try:
-                early = load_config(config_arg)
-            except FlywheelError:
-                early = None  # the command itself reports why it does not load
-        # Before transformers, datasets or huggingface_hub is imported (they read it once): offline unless the
-        # config (or a --reference/--base option) names something on the hub, or the user set HF_HUB_OFFLINE.
-        options = tuple(a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else None)
-                        for i, a in enumerate(args) if a.partition("=")[0] in ("--reference", "--base"))
-        apply_cli_env(bool(early is not None and hub_references(early, options)))
-        if early is not None and words[0] not in ("validate", "lineage", "deploy"):
-            check_home_writable(early)  # before any work, so nothing is half-written
+        prepare_command(args, config_arg)  # offline or not, and the home checked, before any hub library loads
         code = app(args=args, standalone_mode=False)  # click returns a typer.Exit's code here instead of raising
         if isinstance(code, int) and not isinstance(code, bool) and code:
             return code  # `flywheel ui`: 143 after SIGTERM, 129 after SIGHUP

@@ -15,7 +15,6 @@ import os
 import re
 import types
 import typing
-from glob import glob, has_magic
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,17 +22,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flywheel.errors import ConfigError
+from flywheel.refs import CORPUS_REF, DATA_REF, MODEL_REF, Ref, parse_ref
 
-WORLD_SIZES = ("nano", "micro", "mini")
-WORLD_CORPORA = ("pretrain", "midtrain", "sft", "dpo", "rl", "eval", "eval_mc")
+# it lives in flywheel/refs.py with the other reference names; the CLI imports it from here
+from flywheel.refs import WORLD_SIZES as WORLD_SIZES
+from flywheel.remit.catalog import NAMES as OBJECTIVE_NAMES
+from flywheel.remit.catalog import objective_named
+
 POSTTRAIN_KINDS = ("sft", "dpo", "grpo")
 BUILTIN_REWARDS = ("math_answer", "format", "code_exec")
 DEFAULT_GRPO_REWARDS = ("math_answer", "format")  # a grpo stage without `rewards` uses these (and says so)
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Where each post-training stage reads its data unless the config says otherwise.
 DEFAULT_STAGE_DATA = {"sft": "world:sft", "dpo": "world:dpo", "grpo": "world:rl"}
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class Section(BaseModel):
@@ -42,46 +43,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-def _is_local_path(ref: str) -> bool:
-    """A reference is a local path when it says so (absolute, ./, ../, ~) or exists."""
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
-
-
-def _check_world_ref(ref: str, allowed: tuple[str, ...], what: str) -> str:
-    name = ref.removeprefix("world:")
-    if name not in allowed:
-        raise ValueError(f"unknown tiny-world {what} '{name}'; use one of {', '.join(allowed)}")
-    return ref
-
-
 def _check_model_ref(ref: str) -> str:
-    """A model is `world:<size>`, an existing local folder, or a hub id like `org/name`."""
-    ref = ref.strip()
-    if ref.startswith("world:"):
-        return _check_world_ref(ref, WORLD_SIZES, "size")
-    if _is_local_path(ref):
-        if not Path(ref).expanduser().is_dir():
-            raise ValueError("local model folder does not exist; build it or fix the path")
-        return ref
-    if not _HUB_ID_RE.match(ref):
-        raise ValueError("must be world:<size>, an existing local folder, or a hub id like 'org/name'")
-    return ref
+    """A model is `world:<size>`, an existing local folder, or a hub id like `org/name` (see flywheel/refs.py)."""
+    return parse_ref(ref, allowed=MODEL_REF).text
 
 
 def _check_data_ref(ref: str) -> str:
     """A dataset is `world:<corpus>`, a local jsonl/json/parquet file, or a hub dataset id."""
-    ref = ref.strip()
-    if ref.startswith("world:"):
-        return _check_world_ref(ref, WORLD_CORPORA, "corpus")
-    if ref.endswith(DATA_FILE_SUFFIXES) or _is_local_path(ref):
-        if not Path(ref).expanduser().is_file():
-            raise ValueError("local data file does not exist; fix the path")
-        if not ref.endswith(DATA_FILE_SUFFIXES):
-            raise ValueError(f"local data must be one of {', '.join(DATA_FILE_SUFFIXES)}")
-        return ref
-    if not _HUB_ID_RE.match(ref):
-        raise ValueError("must be world:<corpus>, a local .jsonl/.json/.parquet file, or a hub dataset id")
-    return ref
+    return parse_ref(ref, allowed=DATA_REF).text
 
 
 class WorldConfig(Section):
@@ -113,6 +82,11 @@ class ModelConfig(Section):
     def _model_ref(cls, v: str | None) -> str | None:
         return None if v is None else _check_model_ref(v)
 
+    @property
+    def ref(self) -> Ref:
+        """`source` as a parsed reference."""
+        return parse_ref(self.source, "model.source", MODEL_REF, strict=False)
+
 
 class DataSource(Section):
     """One mid-training source and its share of the mixture."""
@@ -126,20 +100,13 @@ class DataSource(Section):
     @field_validator("source")
     @classmethod
     def _data_ref(cls, v: str) -> str:
-        return _check_corpus_ref(v)
+        # a mid-training source may also be a folder or a glob of data files (the token store reads them all)
+        return parse_ref(v, allowed=CORPUS_REF).text
 
-
-def _check_corpus_ref(ref: str) -> str:
-    """A mid-training source may also be a folder or a glob of data files (the token store reads them all)."""
-    ref = ref.strip()
-    path = Path(ref).expanduser()
-    if has_magic(ref) and not ref.startswith("world:"):
-        if not any(Path(p).is_file() for p in glob(str(path), recursive=True)):
-            raise ValueError("the glob matches no file; fix the pattern")
-        return ref
-    if path.is_dir():
-        return ref
-    return _check_data_ref(ref)
+    @property
+    def ref(self) -> Ref:
+        """`source` as a parsed reference (its field, data.sources.<i>.source, is the mixture's to name)."""
+        return parse_ref(self.source, None, CORPUS_REF, strict=False)
 
 
 class DataConfig(Section):
@@ -158,7 +125,7 @@ class DataConfig(Section):
 class MidtrainConfig(Section):
     """The anneal: ReMiT or one of the paper's baselines, learning rate decayed to zero."""
 
-    objective: Literal["ntp", "remit", "kd", "rho1"] = "remit"
+    objective: Literal[OBJECTIVE_NAMES] = "remit"  # the objective table: flywheel/remit/catalog.py
     epsilon: float | None = Field(0.2, gt=0, le=1)  # None: no clip (for the ablation)
     centring: Literal["mean", "zscore"] = "mean"  # delta - mean (the paper's), or divided by its std too
     mapping: Literal["sigmoid", "exp", "linear"] = "sigmoid"  # 2*sigmoid (the paper's), exp, 1 + x; same clip
@@ -192,10 +159,10 @@ class MidtrainConfig(Section):
 
     @model_validator(mode="after")
     def _kd_needs_online(self) -> MidtrainConfig:
-        if self.objective == "kd" and self.reference_mode != "online":
+        if objective_named(self.objective).uses_ref_distribution and self.reference_mode != "online":
             raise ValueError(
-                "midtrain.reference_mode: objective 'kd' needs the reference's full distribution, "
-                "so set reference_mode: online (got 'cached')"
+                f"midtrain.reference_mode: objective '{self.objective}' needs the reference's full distribution, "
+                f"so set reference_mode: online (got '{self.reference_mode}')"
             )
         return self
 
@@ -230,6 +197,11 @@ class PosttrainStage(Section):
         if self.kind != "grpo" and self.rewards:
             raise ValueError(f"only grpo stages take rewards (this stage is {self.kind}); remove rewards")
         return self
+
+    @property
+    def ref(self) -> Ref | None:
+        """`data` as a parsed reference (None only before validation fills the default)."""
+        return None if self.data is None else parse_ref(self.data, None, DATA_REF, strict=False)
 
 
 class PosttrainConfig(Section):
@@ -414,9 +386,8 @@ class FlywheelConfig(Section):
 
     def uses_world(self) -> bool:
         """True when any part of the config reads from the tiny world (so `world build` must run first)."""
-        refs = [self.model.source, *(s.source for s in self.data.sources)]
-        refs += [s.data or "" for s in self.posttrain.stages]
-        return any(r.startswith("world:") for r in refs)
+        refs = [self.model.ref, *(s.ref for s in self.data.sources), *(s.ref for s in self.posttrain.stages)]
+        return any(r is not None and r.kind == "world" for r in refs)
 
 
 # --- error messages ---------------------------------------------------------------------------
@@ -630,7 +601,7 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
     """The few facts a person checks first, as (label, value) rows."""
     mt = cfg.midtrain
     eps = "no clip" if mt.epsilon is None else f"ε={mt.epsilon}"
-    if mt.objective == "remit" and (mt.centring, mt.mapping) != ("mean", "sigmoid"):
+    if objective_named(mt.objective).follows_weight_settings and (mt.centring, mt.mapping) != ("mean", "sigmoid"):
         eps += f", {mt.centring} centring, {mt.mapping} mapping"
     mix = ", ".join(f"{s.source}×{s.weight:g}" for s in cfg.data.sources)
     chain = " → ".join(s.kind for s in cfg.posttrain.stages)

@@ -7,7 +7,7 @@ MLflow runs. Prefect's console shows errors only; its run log (what the Prefect 
 With `--verbose` nothing is redirected and the terminal shows everything, as without this module.
 
 A stage launched as a job (`launch.kind` torchrun / accelerate) already writes every rank's output to the
-job's own log files (flywheel/launch.py); its live line shows the last line streamed from rank 0.
+job's own log files (flywheel/launch/); its live line shows the last line streamed from rank 0.
 Errors still reach the terminal: the files are swapped back before an exception leaves the stage, a failed
 stage's line names its log, and Prefect's console keeps its ERROR records (tracebacks of real crashes).
 """
@@ -269,7 +269,7 @@ def keep_stage_log(cfg: Any, round_n: int, stage: str, path: Path, since_ms: int
 
 
 def stage_output(name: str) -> Callable:
-    """Decorator for a round's stage function `(cfg, p, ...)`: under a quiet terminal, its output goes to its log.
+    """Decorator for a round's stage function `(cfg, plan, ...)`: under a quiet terminal, its output goes to its log.
 
     The stage is `name`, or `name/<kind>` for a stage with a `kind` argument (evaluate/base, evaluate/post).
     Anywhere else (tests, a launched job's ranks, `--verbose`) the function runs untouched.
@@ -283,7 +283,7 @@ def stage_output(name: str) -> Callable:
             if _terminal is None or _terminal.verbose:
                 return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs).arguments
-            cfg, round_n = bound["cfg"], bound["p"]["round"]
+            cfg, round_n = bound["cfg"], bound["plan"].round
             stage = f"{name}/{bound['kind']}" if "kind" in bound else name
             path = stage_log_path(cfg.home, cfg.name, round_n, stage)
             since = int(time.time() * 1000) - 1000

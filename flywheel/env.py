@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from flywheel.hub import _TRUE
+
+# it lives with the hub checks; importable from here too
+from flywheel.hub import offline_switch as offline_switch
+from flywheel.refs import CORPUS_REF, MODEL_REF, parse_ref
+
 ENV_FILE = Path(__file__).with_name("offline.env")
 
 
@@ -24,7 +30,6 @@ def offline_env() -> dict[str, str]:
 # Prefect start-up timeout) hold for every command. huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE),
 # datasets HF_DATASETS_OFFLINE before either: all three are set together, once, before any of them is imported.
 OFFLINE_SWITCH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-_TRUE = frozenset({"1", "ON", "YES", "TRUE"})  # what huggingface_hub and datasets read as true
 TELEMETRY_OFF = tuple(k for k in offline_env() if k not in OFFLINE_SWITCH)  # set for every command
 
 
@@ -41,19 +46,9 @@ def apply_offline_env(force: bool = False, offline: bool = True) -> None:
             os.environ[key] = value
 
 
-def _local_model(ref: str | None) -> bool:
-    from flywheel.config import _is_local_path
-
-    return ref is None or ref.startswith("world:") or _is_local_path(ref)
-
-
-def _local_data(ref: str | None) -> bool:
-    from glob import has_magic
-
-    from flywheel.config import DATA_FILE_SUFFIXES, _is_local_path
-
-    return (ref is None or ref.startswith("world:") or has_magic(ref) or ref.endswith(DATA_FILE_SUFFIXES)
-            or _is_local_path(ref))
+def _on_hub(ref: str | None, data: bool = False) -> bool:
+    """Whether a model (or, `data`, a dataset) reference names something on the hub."""
+    return ref is not None and parse_ref(ref, allowed=CORPUS_REF if data else MODEL_REF, strict=False).kind == "hub"
 
 
 def hub_references(cfg, models: tuple[str | None, ...] = ()) -> list[tuple[str, str]]:  # noqa: ANN001 - FlywheelConfig
@@ -65,11 +60,11 @@ def hub_references(cfg, models: tuple[str | None, ...] = ()) -> list[tuple[str, 
 
     found = [(field, ref) for field, ref in (("model.source", cfg.model.source), ("model.tokenizer", cfg.model.tokenizer),
                                             ("midtrain.reference", cfg.midtrain.reference))
-             if not _local_model(ref)]
-    found += [("option", ref) for ref in models if not _local_model(ref)]
-    found += [(f"data.sources.{i}.source", s.source) for i, s in enumerate(cfg.data.sources) if not _local_data(s.source)]
+             if _on_hub(ref)]
+    found += [("option", ref) for ref in models if _on_hub(ref)]
+    found += [(f"data.sources.{i}.source", s.source) for i, s in enumerate(cfg.data.sources) if _on_hub(s.source, True)]
     found += [(f"posttrain.stages.{i}.data", s.data) for i, s in enumerate(cfg.posttrain.stages)
-              if not _local_data(s.data)]
+              if _on_hub(s.data, True)]
     for name in cfg.evaluation.tasks:
         members = [t for t, _ in PRESETS[name]] if name in PRESETS else [name]
         found += [("evaluation.tasks", t) for t in members if t not in BUNDLED]
@@ -93,22 +88,6 @@ def apply_cli_env(needs_hub: bool) -> bool:
     if not needs_hub:
         apply_offline_env(offline=True)
     return offline_switch() is not None
-
-
-def offline_switch(repo_type: str = "model") -> str | None:
-    """The variable that keeps the hub offline for a model or a dataset ("HF_HUB_OFFLINE=1"), None when online.
-
-    Read as the libraries read it: huggingface_hub (models) takes HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE;
-    datasets takes HF_DATASETS_OFFLINE before those.
-    """
-    keys = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
-    if repo_type == "dataset":
-        keys.insert(0, "HF_DATASETS_OFFLINE")
-    for key in keys:
-        value = os.environ.get(key)
-        if value:  # the first one set decides, as in the libraries
-            return f"{key}={value}" if value.strip().upper() in _TRUE else None
-    return None
 
 
 # glibc's malloc hands blocks over its mmap threshold straight back to the OS when freed and trims the heap
@@ -143,3 +122,64 @@ def keep_freed_memory() -> bool:
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         ok &= bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return ok
+
+
+# --- one CLI command's process: what runs before the command itself ----------------------------------------
+
+
+def command_config(args: list[str]) -> str | None:
+    """The config file a command line names (`demo` and `world build` default to configs/demo.yaml)."""
+    words = [a for a in args if not a.startswith("-")]
+    found = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
+    if found is None and words[:2] in (["demo"], ["world", "build"]):
+        return "configs/demo.yaml"
+    return found
+
+
+def prepare_command(args: list[str], config_arg: str | None) -> None:
+    """Offline or not, and the home checked writable, before the command imports any hub library.
+
+    Offline unless the config (or a --reference/--base option) names something on the hub, or the user set
+    HF_HUB_OFFLINE: transformers, datasets and huggingface_hub read the switch once, at import.
+    """
+    from flywheel.config import check_home_writable, load_config
+    from flywheel.errors import FlywheelError
+
+    words = [a for a in args if not a.startswith("-")]
+    early = None
+    if words and "--help" not in args and config_arg:
+        try:
+            early = load_config(config_arg)
+        except FlywheelError:
+            early = None  # the command itself reports why it does not load
+    options = tuple(a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else None)
+                    for i, a in enumerate(args) if a.partition("=")[0] in ("--reference", "--base"))
+    apply_cli_env(bool(early is not None and hub_references(early, options)))
+    if early is not None and words[0] not in ("validate", "lineage", "deploy"):
+        check_home_writable(early)  # before any work, so nothing is half-written
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the command through Python's normal exit, so atexit stops Prefect's temporary server.
+
+    Prefect turns SIGTERM into a crash of the flow run and then re-sends it to the handler it found;
+    with the default one the process died on the spot and left its temporary server running.
+    """
+    import signal
+    import threading
+
+    def _exit(signum, frame) -> None:  # noqa: ANN001
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit)
+
+
+def use_flywheel_prefect(home: Path) -> None:
+    """Flows record to the flywheel's own embedded Prefect store under `home` unless a server is configured."""
+    exit_cleanly_on_sigterm()
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+        # Prefect creates only the last folder of its home: a fresh flywheel home failed the first run.
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLYWHEEL_HOME", str(home))

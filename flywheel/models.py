@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from flywheel.config import FlywheelConfig
-from flywheel.errors import FlywheelError, hub_error, hub_reason
+from flywheel.errors import FlywheelError
+from flywheel.hub import check_hub_access, hub_failure
+from flywheel.refs import Ref, as_ref, model_location
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -15,21 +17,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def resolve_model(cfg: FlywheelConfig, ref: str) -> str:
-    """A model reference as `from_pretrained` takes it: a local folder for world:/paths, else the hub id."""
-    if ref.startswith("world:"):
-        from flywheel.world.build import resolve_world_ref
-
-        return str(resolve_world_ref(cfg, ref))
-    path = Path(ref).expanduser()
-    return str(path.resolve()) if path.exists() else ref
+def resolve_model(cfg: FlywheelConfig, ref: Ref | str) -> str:
+    """A model reference as `from_pretrained` takes it (flywheel.refs.model_location, under its old name)."""
+    return model_location(cfg, ref)
 
 
 def _field_of(cfg: FlywheelConfig, ref: str) -> str | None:
     """The config field a model reference came from ("midtrain.reference"), to name it in an error."""
     fields = (("midtrain.reference", cfg.midtrain.reference), ("model.tokenizer", cfg.model.tokenizer),
               ("model.source", cfg.model.source))
-    target = Path(resolve_model(cfg, ref)) if not ref.startswith("world:") else None
+    target = Path(model_location(cfg, ref)) if as_ref(ref).kind != "world" else None
     for field, value in fields:
         if value is None:
             continue
@@ -44,7 +41,12 @@ def _say(field: str | None, subject: str, rest: str) -> FlywheelError:
 
 
 def _is_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
+    return as_ref(ref).kind == "folder"
+
+
+def _hub_failure(cfg: FlywheelConfig, ref: str, exc: BaseException) -> FlywheelError | None:
+    """The hub's one sentence for a failed load of a hub id; None for a local or world reference."""
+    return hub_failure(_field_of(cfg, ref), ref, exc) if as_ref(ref).kind == "hub" else None
 
 
 def _folder_problems(path: Path) -> dict[str, str]:
@@ -59,70 +61,15 @@ def _folder_problems(path: Path) -> dict[str, str]:
     return problems
 
 
-def _hub_cached(ref: str, repo_type: str) -> bool:
-    """Whether the hub cache (or, for a dataset, datasets' own cache) holds anything of `ref`."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    folders = [Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref, repo_type=repo_type) / "snapshots"]
-    if repo_type == "dataset":
-        import datasets
-
-        folders.append(Path(datasets.config.HF_DATASETS_CACHE) / ref.replace("/", "___"))
-    return any(f.is_dir() and any(f.iterdir()) for f in folders)
-
-
-_HUB_SEEN: set[tuple[str, str]] = set()  # (repo type, id) the hub answered for in this process
-
-
-def hub_failure(field: str | None, ref: str, exc: BaseException, repo_type: str = "model") -> FlywheelError | None:
-    """The one sentence for `exc` when it is a failure to fetch `ref` from the hub, else None."""
-    from flywheel.env import offline_switch
-
-    why = hub_reason(exc, offline_switch(repo_type), _hub_endpoint())
-    return None if why is None else hub_error(field, ref, why, repo_type)
-
-
-def _hub_endpoint() -> str:
-    import sys
-
-    hub = sys.modules.get("huggingface_hub.constants")
-    return getattr(hub, "ENDPOINT", "https://huggingface.co")
-
-
-def check_hub_access(field: str | None, ref: str, repo_type: str = "model") -> None:
-    """Online and not cached: ask the hub about `ref` once, without retries, before loading it.
-
-    huggingface_hub retries a refused connection five times per file (about 25 s each, more for a model), with
-    a warning per try; this asks once (HF_HUB_ETAG_TIMEOUT bounds it) and turns no network, an unknown or a
-    private id into one sentence. Offline, or with anything cached, the load itself decides (and is worded by
-    hub_failure).
-    """
-    from flywheel.env import offline_switch
-
-    if offline_switch(repo_type) or (repo_type, ref) in _HUB_SEEN or _hub_cached(ref, repo_type):
-        return
-    from huggingface_hub import HfApi, constants
-
-    try:
-        HfApi().repo_info(ref, repo_type=repo_type, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as exc:  # noqa: BLE001 - a probe: what it cannot word, the load itself meets and reports
-        failure = hub_failure(field, ref, exc, repo_type)
-        if failure is not None:
-            raise failure from None
-        return
-    _HUB_SEEN.add((repo_type, ref))
-
-
 def check_model_folder(cfg: FlywheelConfig, ref: str, needs: tuple[str, ...] = ("config", "weights")) -> None:
     """Fail with one sentence when a local `ref` is not a saved HF checkpoint (hub ids are left to the hub).
 
     `needs` is any of "config", "weights", "tokenizer": what the caller is about to load.
     """
-    if ref.startswith("world:"):
-        return  # resolve_world_ref already says "build the world first"
+    if as_ref(ref).kind == "world":
+        return  # model_location already says "build the world first"
     field = _field_of(cfg, ref)
-    path = Path(resolve_model(cfg, ref))
+    path = Path(model_location(cfg, ref))
     if not path.exists():
         if _is_local(ref):
             raise _say(field, ref, "does not exist; point it at a saved HF checkpoint folder")
@@ -150,14 +97,14 @@ def load_model(cfg: FlywheelConfig, ref: str, for_training: bool = True):
     dtype = _DTYPES[cfg.model.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(cfg, ref),
+            model_location(cfg, ref),
             dtype=dtype if dtype == "auto" else getattr(torch, dtype),
             use_safetensors=True,
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
     except Exception as exc:  # transformers: missing files, unknown model_type, no remote code; the hub's failures
-        failure = None if _is_local(ref) or ref.startswith("world:") else hub_failure(_field_of(cfg, ref), ref, exc)
+        failure = _hub_failure(cfg, ref, exc)
         if failure is not None:
             raise failure from None
         if not isinstance(exc, (OSError, ValueError, KeyError)) or (isinstance(exc, OSError) and exc.errno is not None):
@@ -177,9 +124,9 @@ def load_tokenizer(cfg: FlywheelConfig, ref: str | None = None):
     ref = ref or cfg.model.tokenizer or cfg.model.source
     check_model_folder(cfg, ref, ("tokenizer",))
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model(cfg, ref), trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_location(cfg, ref), trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - re-raised below unless it is one of the worded kinds
-        failure = None if _is_local(ref) or ref.startswith("world:") else hub_failure(_field_of(cfg, ref), ref, exc)
+        failure = _hub_failure(cfg, ref, exc)
         if failure is not None:
             raise failure from None
         if not isinstance(exc, (OSError, ValueError, KeyError, TypeError)) or (
@@ -235,7 +182,7 @@ def check_midtrain_models(cfg: FlywheelConfig, base: str, reference: str | None)
         if ref is None:
             continue
         check_model_folder(cfg, ref, ("config", "weights"))
-        check_seq_len(cfg, resolve_model(cfg, ref), _field_of(cfg, ref) or default)
+        check_seq_len(cfg, model_location(cfg, ref), _field_of(cfg, ref) or default)
 
 
 def model_identity(path_or_id: str) -> str:

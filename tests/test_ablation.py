@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flywheel.ablation.harness import cell_config, failed_cell, heldout_kl, prepare_ablation, snapshot_steps
+from flywheel.ablation import cell_config, cell_seeds, failed_cell, heldout_kl, prepare_ablation
+from flywheel.ablation.cell import snapshot_steps
 from flywheel.ablation.miniplm import document_gaps, select_documents, top_documents
+from flywheel.ablation.plan import AblationPlan
 from flywheel.ablation.report import summarize
 from flywheel.ablation.stats import (
     compare,
@@ -132,7 +134,7 @@ def test_identical_variants_are_reported_as_not_significantly_different(smoke):
 def test_a_failed_cell_is_listed_and_the_table_is_still_made(smoke):
     ok = [c for c in smoke["cells"] if not (c["variant"] == "remit" and c["seed"] == 1)]
     crashed = failed_cell("remit", 1, RuntimeError("out of memory"))
-    report = summarize(smoke["plan"], smoke["base"], [*ok, crashed])
+    report = summarize(AblationPlan.from_json(smoke["plan"]), smoke["base"], [*ok, crashed])
     assert report["failed"][0]["error"] == "RuntimeError: out of memory"
     assert report["phases"]["mid"]["remit"]["seeds"] == [0]
     assert report["phases"]["mid"]["remit"][AVG]["ci95"] is None  # one seed left: no interval
@@ -297,14 +299,12 @@ def test_the_dose_study_plans_its_grid_and_refuses_a_missing_strong_reference(sm
     with pytest.raises(FlywheelError, match="kd not in study dose"):
         prepare_ablation(cfg, ["kd"], size="smoke", study="dose")
     plan = prepare_ablation(cfg, size="smoke", study="dose", seeds=4, strong_reference=str(report.paths.base))
-    assert plan["posttrain"] is False and plan["accuracy_points"] == "end" and plan["kind"] == "dose"
-    assert len(plan["variants"]) == 16 and plan["variants"][:2] == ["remit_oracle_noclip", "remit_oracle_results_noclip"]
-    from flywheel.ablation.harness import cell_seeds
-
+    assert plan.posttrain is False and plan.accuracy_points == "end" and plan.kind == "dose"
+    assert len(plan.variants) == 16 and plan.variants[:2] == ["remit_oracle_noclip", "remit_oracle_results_noclip"]
     assert cell_seeds(plan, "remit_noclip") == [0, 1, 2, 3] and cell_seeds(plan, "remit_noclip_5x") == [0, 1, 2]
     long, short = cell_config(plan, "remit_strong_eps0.5_5x", 0), cell_config(plan, "ntp", 0)
     assert long.midtrain.token_budget == 5 * short.midtrain.token_budget and long.midtrain.epsilon == 0.5
-    assert Path(plan["token_heldout"]).is_file()
+    assert Path(plan.token_heldout).is_file()
 
 
 def test_the_oracle_cell_anneals_on_a_cache_certain_of_every_answer_and_measures_token_classes(small_world):
@@ -312,8 +312,7 @@ def test_the_oracle_cell_anneals_on_a_cache_certain_of_every_answer_and_measures
     answer tokens (set to log 1), the anneal reads it, and every point has held-out loss per class."""
     import torch
 
-    from flywheel.ablation import tokens
-    from flywheel.ablation.harness import evaluate_base, resolve_references, run_cell
+    from flywheel.ablation import evaluate_base, resolve_references, run_cell, tokens
     from flywheel.models import load_tokenizer
     from flywheel.remit.scoring import score_reference
 
@@ -327,7 +326,7 @@ def test_the_oracle_cell_anneals_on_a_cache_certain_of_every_answer_and_measures
         cell = run_cell(plan, "remit_oracle_noclip", 0)
     finally:
         torch.set_num_threads(threads)
-    oracle, rl = plan["references"]["oracle"], plan["references"]["rl"]
+    oracle, rl = plan.references["oracle"], plan.references["rl"]
     assert cell["reference"] == oracle and oracle != rl
     cell_cfg = cell_config(plan, "remit_oracle_noclip", 0)
     source, derived = score_reference(cell_cfg, rl), score_reference(cell_cfg, oracle)  # both finished: reused

@@ -2,7 +2,7 @@ from fractions import Fraction
 
 import pytest
 
-from flywheel.world.answers import answers_match, extract_answer, is_correct, parse_number
+from flywheel.answers import answers_match, extract_answer, is_correct, parse_number
 
 NATALIA = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

@@ -49,13 +49,13 @@ def test_home_defaults_to_FLYWHEEL_HOME(monkeypatch, tmp_path):
 
 
 def test_a_fresh_nested_home_gets_its_prefect_folder_before_prefect_starts(monkeypatch, tmp_path):
-    from flywheel.cli import _prefect_env
+    from flywheel.env import use_flywheel_prefect
 
     for var in ("PREFECT_API_URL", "PREFECT_HOME", "FLYWHEEL_HOME"):
-        monkeypatch.setenv(var, "")  # records the original, so what _prefect_env sets is undone afterwards
+        monkeypatch.setenv(var, "")  # records the original, so what use_flywheel_prefect sets is undone afterwards
         monkeypatch.delenv(var)
     home = tmp_path / "not" / "yet" / "there"
-    _prefect_env(validate_config({"name": "x", "home": str(home)}))
+    use_flywheel_prefect(validate_config({"name": "x", "home": str(home)}).home)
     assert (home / "prefect").is_dir()  # Prefect itself makes only the last folder and then fails to start
     assert Path(os.environ["PREFECT_HOME"]) == home / "prefect"
 

@@ -187,13 +187,13 @@ def test_an_unknown_or_gated_repository_is_one_sentence(tmp_path: Path, mode: st
 HUB_DATA = """
 import sys
 from flywheel.config import DataSource, validate_config
-from flywheel.data.store import Piece, _hub_texts
+from flywheel.data.kinds import HUB, Piece
 from flywheel.errors import FlywheelError
 from flywheel.posttrain.data import read_source
 
 cfg = validate_config({"name": "d", "home": sys.argv[1]})
 for load in (lambda: read_source(cfg, "openai/gsm8k", "train", "main", field="posttrain.stages.0.data"),
-             lambda: next(_hub_texts(DataSource(source="openai/gsm8k"), Piece("openai/gsm8k", 0, 1, "hub")))):
+             lambda: next(HUB.texts(Piece("openai/gsm8k", 0, 1, "hub"), DataSource(source="openai/gsm8k")))):
     try:
         load()
     except FlywheelError as exc:

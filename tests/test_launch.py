@@ -16,6 +16,7 @@ import pytest
 
 from flywheel.config import validate_config
 from flywheel.errors import ConfigError
+from flywheel.tracking.registry import RoundPlan
 
 from .conftest import small_config
 
@@ -70,19 +71,18 @@ def test_launcher_command_lines_for_one_node_several_nodes_and_accelerate():
 
 
 def _plan(cfg):
-    from flywheel import rounds
+    from flywheel.round.plan import plan_round
     from flywheel.slot import RoundSlot
 
     with RoundSlot(cfg):
-        return rounds.plan_round(cfg, None)
+        return plan_round(cfg, None)
 
 
 def _launch(cfg, stage, plan, lines=None, **args):
     from flywheel.launch import launched
 
     say = lines.append if lines is not None else (lambda m: None)
-    return launched(cfg, stage, {"config": cfg.model_dump(mode="json"), "plan": plan, **args},
-                    cfg.launch.for_stage(stage), say)
+    return launched(cfg, stage, plan, args, cfg.launch.for_stage(stage), say)
 
 
 def _losses(checkpoint: str) -> list[float]:
@@ -144,7 +144,7 @@ def test_a_failing_rank_fails_the_stage_with_its_exit_code_and_its_own_last_line
 
     world_cfg, _ = small_world
     cfg = small_config(world_cfg.home, name="failing", launch={"kind": "torchrun", "nproc_per_node": 2})
-    plan = {"round": 0}
+    plan = RoundPlan(0)
     missing = tmp_path / "no-such-model"
     with pytest.raises(FlywheelError) as err:  # exit code 2 is bad input: a FlywheelError, not retried
         _launch(cfg, "evaluate", plan, checkpoint=str(missing), kind="base")
@@ -184,8 +184,7 @@ def test_a_cancelled_job_stops_every_rank_after_they_save_and_the_next_launch_re
 
     t0 = time.monotonic()
     with pytest.raises(_Cancelled):
-        launched(cfg, "midtrain", {"config": cfg.model_dump(mode="json"), "plan": plan},
-                 cfg.launch.for_stage("midtrain"), say)
+        launched(cfg, "midtrain", plan, {}, cfg.launch.for_stage("midtrain"), say)
     assert time.monotonic() - t0 < 120
     (job,) = (cfg.home / "launch" / "cancelled" / "round-0").glob("midtrain-*")
     assert _stage_processes(str(job)) == []  # launched returns only once the whole group is gone
@@ -313,7 +312,7 @@ def test_trl_post_training_under_accelerate_fsdp_on_two_ranks_publishes_full_mod
     from transformers import AutoModelForCausalLM
 
     from flywheel.checkpoints import first_non_finite
-    from flywheel.world.build import resolve_world_ref
+    from flywheel.refs import resolve_world_ref
 
     world_cfg, _ = small_world
     monkeypatch.setenv("FLYWHEEL_TEST_CPU_FSDP", "1")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from flywheel.errors import FlywheelError
 from flywheel.remit import kernels
+from flywheel.remit.catalog import objective_named
 from flywheel.remit.kernels import Hidden, chunks, objective_parts
 
 B, T, H, V = 3, 11, 8, 37  # 33 target positions: no chunk size below divides them, nor the vocabulary
@@ -185,3 +186,40 @@ def test_midtrain_refuses_fused_on_a_machine_without_it_before_any_work(tmp_path
     with pytest.raises(FlywheelError, match=r"^midtrain.loss_kernel: fused needs .*no CUDA device is visible"):
         midtrain(cfg)
     assert not (home / "cache").exists() and not (home / "runs").exists()  # no mixture, no scoring, no run folder
+
+
+def test_the_kernel_table_is_what_the_config_accepts_and_auto_tries_fused_chunked_eager():
+    import typing
+
+    from flywheel.config import MidtrainConfig
+
+    assert kernels.LOSS_KERNELS == ("auto", "chunked", "fused", "eager")
+    assert typing.get_args(MidtrainConfig.model_fields["loss_kernel"].annotation) == kernels.LOSS_KERNELS
+    assert [k.name for k in kernels.AUTO_ORDER] == ["fused", "chunked", "eager"]
+    kd, remit = (objective_named(n) for n in ("kd", "remit"))
+    assert kernels.FUSED.handles(remit) and not kernels.FUSED.handles(kd)  # kd has no log-prob form
+    assert kernels.FUSED.machine_refusal(kd) is None  # so a machine without Liger does not refuse it
+
+
+def test_midtrain_asks_the_objective_table_what_an_objective_needs(tmp_path, monkeypatch):
+    """Change one entry's needs and midtrain, its cache key and the config follow, with no other edit."""
+    from dataclasses import replace
+
+    from flywheel.errors import ConfigError
+    from flywheel.remit import catalog
+    from flywheel.remit.midtrain import midtrain, midtrain_key
+
+    from .conftest import small_config
+
+    home = tmp_path / "home"
+    cfg = small_config(home, midtrain={"objective": "ntp"})
+    plain = midtrain_key(cfg, "base/id", "ref/id", "corpus")
+    ntp = catalog.OBJECTIVES["ntp"]
+    monkeypatch.setitem(catalog.OBJECTIVES, "ntp", replace(ntp, uses_ref_logprobs=True))
+    with pytest.raises(FlywheelError, match=r"^midtrain.reference: objective 'ntp' needs a reference model"):
+        midtrain(cfg)
+    assert not home.exists()  # refused before any work
+    assert midtrain_key(cfg, "base/id", "ref/id", "corpus") != plain  # the reference is now part of the key
+    monkeypatch.setitem(catalog.OBJECTIVES, "ntp", replace(ntp, uses_ref_distribution=True))
+    with pytest.raises(ConfigError, match="objective 'ntp' needs the reference's full distribution"):
+        small_config(home, midtrain={"objective": "ntp"})

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flywheel.remit.objectives import OBJECTIVES, LossParts, kd, ntp, remit, rho1, token_logprobs
+from flywheel.remit.catalog import NAMES, objective_named
+from flywheel.remit.catalog import OBJECTIVES as CATALOG
+from flywheel.remit.objectives import (
+    OBJECTIVES,
+    WHOLE,
+    LossContext,
+    LossParts,
+    kd,
+    loss_of,
+    ntp,
+    remit,
+    rho1,
+    token_logprobs,
+)
 
 B, T, V = 3, 10, 17
 
@@ -194,3 +208,63 @@ def test_invalid_positions_change_nothing(objective: str):
     assert torch.isfinite(dirty_grad).all()
     assert (dirty_grad[~mask] == 0).all()
     torch.testing.assert_close(dirty_grad, clean_grad, atol=1e-6, rtol=0)
+
+
+# The objective table (catalog.py): each entry's needs, and the formulas the kernels call for it.
+
+PINNED_NEEDS = {  # name: (needs a reference, reads the cache / loads the reference when cached, and when online)
+    "ntp": (False, (False, False), (False, False)),
+    "remit": (True, (True, False), (False, True)),
+    "kd": (True, (False, True), (False, True)),
+    "rho1": (True, (True, False), (False, True)),
+}
+
+
+def test_each_objective_s_needs_answer_what_midtrain_scoring_and_rounds_ask():
+    assert CATALOG.keys() == PINNED_NEEDS.keys() and OBJECTIVES == NAMES
+    for name, (needs, cached, online) in PINNED_NEEDS.items():
+        o = objective_named(name)
+        assert o.needs_reference == needs, name
+        assert (o.reads_cache("cached"), o.loads_reference("cached")) == cached, name
+        assert (o.reads_cache("online"), o.loads_reference("online")) == online, name
+    assert [n for n, o in CATALOG.items() if o.token_weights] == ["remit", "rho1"]  # the weight diagnostics
+    assert [n for n, o in CATALOG.items() if o.follows_weight_settings] == ["remit"]  # epsilon, centring, mapping
+    with pytest.raises(ValueError, match=r"objective must be one of \('ntp', 'remit', 'kd', 'rho1'\), got 'dpo'"):
+        objective_named("dpo")
+
+
+def test_every_entry_has_the_formulas_its_needs_call_for():
+    for name, o in CATALOG.items():
+        loss = loss_of(o)
+        assert (loss.select is not None) == o.second_pass, name  # a second pass selects from every log-prob
+        if o.uses_ref_distribution:  # the full distribution has no per-token log-prob form (no fused path)
+            assert loss.on_logprobs is None, name
+
+
+def test_the_config_accepts_exactly_the_table_s_objectives_and_asks_it_about_kd():
+    from flywheel.config import MidtrainConfig
+
+    assert typing.get_args(MidtrainConfig.model_fields["objective"].annotation) == NAMES
+    for name, o in CATALOG.items():
+        if o.uses_ref_distribution:
+            with pytest.raises(ValueError, match=f"objective '{name}' needs the reference's full distribution"):
+                MidtrainConfig(objective=name)
+        else:
+            MidtrainConfig(objective=name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_table_s_formulas_are_the_objective_functions(name):
+    """`LOSSES` calls the very formulas above: same numbers, bit for bit, eager and from log-probs."""
+    logits, targets, mask = _batch()
+    ref_logprobs = _ref_logprobs(logits, targets, mask)
+    ref_logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(7))
+    ctx = LossContext(ref_logprobs=ref_logprobs, ref_head=ref_logits, rho1_keep=0.6,
+                      kd={"temperature": 2.0, "top_k": 5})
+    got = loss_of(objective_named(name)).on_logits(logits, targets, mask, ctx, WHOLE)
+    want = _run(name, logits, targets, mask, ref_logprobs, ref_logits)
+    assert torch.equal(got.loss_sum, want.loss_sum) and torch.equal(_grad(got, logits), _grad(want, logits))
+    on_logprobs = loss_of(objective_named(name)).on_logprobs
+    if on_logprobs is not None:
+        from_logprobs = on_logprobs(token_logprobs(logits, targets, mask), mask, ctx)
+        assert torch.equal(from_logprobs.loss_sum, want.loss_sum)

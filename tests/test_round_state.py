@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from flywheel.errors import FlywheelError
-from flywheel.rounds import T_PLAN, check_gate_metric, plan_round
+from flywheel.round.checks import check_gate_metric
+from flywheel.round.plan import T_PLAN, plan_round
 from flywheel.slot import RoundSlot
 from flywheel.tracking.registry import T_PROMOTION, get_alias, next_round, promote, rl_model_name
 from flywheel.tracking.store import open_tracker
@@ -106,15 +107,15 @@ def test_a_rerun_reenters_the_recorded_plan_even_after_the_reference_moved(tmp_p
     tracker = open_tracker(cfg)
     simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
     p1 = plan_round(cfg)
-    assert p1["round"] == 1 and p1["reference_version"] == "fw-rl/1"
+    assert p1.round == 1 and p1.reference_version == "fw-rl/1"
     recorded = json.loads(tracker.round_runs()[1].data.tags[T_PLAN])
     assert recorded["reference_version"] == "fw-rl/1"
     # round 1's promote was killed after it moved @reference but before it recorded the round's verdict
     _, rl1, _ = simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.50, reference_version="1")
     tracker.client.delete_tag(tracker.round_runs()[1].info.run_id, T_PROMOTION)
     again = plan_round(cfg)
-    assert again["round"] == 1 and again["resumed"]
-    assert again["reference_version"] == "fw-rl/1"  # the plan it started with, not the moved alias (v2)
+    assert again.round == 1 and again.resumed
+    assert again.reference_version == "fw-rl/1"  # the plan it started with, not the moved alias (v2)
     with pytest.raises(FlywheelError, match="round 1 is in progress"):
         plan_round(cfg, 2)
 
@@ -170,14 +171,14 @@ def test_a_lost_tracking_store_is_detected_not_restarted_at_round_0(tmp_path, ch
     tracker = open_tracker(cfg)
     plan_round(cfg)  # round 0 starts: the home's ledger remembers it
     simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.30)
-    assert plan_round(cfg)["round"] == 1
+    assert plan_round(cfg).round == 1
     # the store is lost: the home now meets an empty one (a new file; the old one may still be open here)
     lost = small_config(tmp_path / "h", name="fw", tracking={"uri": f"sqlite:///{tmp_path / 'empty.db'}"})
     with pytest.raises(FlywheelError, match=r"no record of round\(s\) 0, 1 that this home ran.*"
                                             r"only registration, evaluation and promotion are redone"):
         plan_round(lost)
     (cfg.home / "state" / "fw-rounds.json").unlink()  # the user chose to start again
-    assert plan_round(lost)["round"] == 0
+    assert plan_round(lost).round == 0
 
 
 def test_stage_runs_left_running_by_a_dead_process_are_marked_killed(tmp_path):
@@ -231,7 +232,7 @@ def test_round_runs_hold_the_rounds_params_and_end_failed_then_finished_with_an_
         raise RuntimeError("out of memory")
     assert tracker.client.get_run(run1).info.status == "FAILED"
     again = plan_round(cfg)  # the rerun resumes the round; its params stay the ones it started with
-    assert again["resumed"] and again["reference_version"] == p1["reference_version"]
+    assert again.resumed and again.reference_version == p1.reference_version
     simulate_round(tracker, 1, checkpoints[2], checkpoints[3], 0.35, reference_version="1")
     info = tracker.client.get_run(run1).info
     assert info.status == "FINISHED" and info.end_time >= info.start_time

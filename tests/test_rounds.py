@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from flywheel.rounds import plan_round, round_report, stage_midtrain
+from dataclasses import replace
+
+from flywheel.round.plan import RoundPlan, plan_round
+from flywheel.round.report import round_report
+from flywheel.round.stages import stage_midtrain
 from flywheel.tracking.registry import T_DATA, T_DATA_EPOCHS, T_DATA_SLICE, base_model_name
 from flywheel.tracking.store import open_tracker
 
 from .conftest import small_config
 
 
-def _two_rounds(home, name: str, per_round: str) -> tuple[dict, dict, dict, dict]:
+def _two_rounds(home, name: str, per_round: str) -> tuple[RoundPlan, dict, dict, dict]:
     """Round 0 and round 1 mid-training (NTP both: no reference, so only the data can differ) and their versions."""
     import torch
 
@@ -21,7 +25,7 @@ def _two_rounds(home, name: str, per_round: str) -> tuple[dict, dict, dict, dict
                            midtrain={"objective": "ntp", "token_budget": 1024, "batch_size": 4, "seq_len": 64})
         p0 = plan_round(cfg)
         first = stage_midtrain(cfg, p0)
-        again = stage_midtrain(cfg, {**p0, "round": 1})
+        again = stage_midtrain(cfg, replace(p0, round=1))
     finally:
         torch.set_num_threads(threads)
     client = open_tracker(cfg).client
@@ -36,12 +40,12 @@ def test_a_round_with_an_earlier_rounds_exact_inputs_says_the_flywheel_stands_st
     same situation, made without depending on which way a promotion gate goes on tiny models.
     """
     p0, first, again, info = _two_rounds(small_world[0].home, "still", "same")
-    assert p0["round"] == 0 and "note" not in first
+    assert p0.round == 0 and "note" not in first
     assert again["key"] == first["key"] and again["version"] != first["version"]  # its own registry version
     assert again["note"].startswith("round 1 has exactly the mid-training inputs of round 0")
     t0, t1 = info["tags"]
     assert t0[T_DATA] == t1[T_DATA] and t0[T_DATA_SLICE] == t1[T_DATA_SLICE] == "0"
-    report = round_report(info["cfg"], {**p0, "round": 1}, {"metrics": {}}, {"metrics": {}},
+    report = round_report(info["cfg"], replace(p0, round=1), {"metrics": {}}, {"metrics": {}},
                           {"promoted": False, "reason": "kept v1"}, note=again["note"])
     assert "the flywheel is standing still" in report
 

@@ -128,11 +128,11 @@ def _cell(variant: str, seed: int, answer: list[float], avg: float) -> dict:
 
 
 def test_each_variant_is_paired_by_seed_with_the_ntp_run_of_its_own_length():
-    plan = {"variants": ["ntp", "remit_noclip", "ntp_5x", "remit_noclip_5x"], "references": {"rl": "/ref"}}
+    variants, references = ["ntp", "remit_noclip", "ntp_5x", "remit_noclip_5x"], {"rl": "/ref"}
     cells = [_cell("ntp", 0, [2.0, 1.5], 0.30), _cell("ntp", 1, [2.0, 1.7], 0.32),
              _cell("remit_noclip", 0, [1.9, 1.2], 0.31), _cell("remit_noclip", 1, [1.9, 1.3], 0.35),
              _cell("ntp_5x", 0, [1.0, 0.5], 0.5), _cell("remit_noclip_5x", 0, [1.0, 0.4], 0.5)]
-    rows = {r["variant"]: r for r in differences(plan, cells)}
+    rows = {r["variant"]: r for r in differences(variants, references, cells)}
     assert set(rows) == {"remit_noclip", "remit_noclip_5x"}
     assert rows["remit_noclip_5x"]["baseline"] == "ntp_5x" and rows["remit_noclip_5x"]["seeds"] == [0]
     end = rows["remit_noclip"]["points"][-1]
@@ -141,6 +141,6 @@ def test_each_variant_is_paired_by_seed_with_the_ntp_run_of_its_own_length():
     assert end["top"]["diff"]["mean"] == pytest.approx(-0.35)
     assert "avg" not in rows["remit_noclip"]["points"][0]  # accuracy only where it was scored
     base = {"token_nll": cells[0]["curve"][0]["token_nll"]}
-    summary = token_summary(plan, base, cells)
+    summary = token_summary(variants, references, base, cells)
     assert summary["curves"]["remit_noclip"]["points"][-1]["answer"]["mean"] == pytest.approx(1.25)
     assert summary["curves"]["ntp"]["role"] == "rl"

@@ -215,7 +215,7 @@ def test_a_guard_rejects_an_otherwise_better_candidate_and_the_decision_names_th
 
 
 def test_guards_are_checked_against_the_evaluation_before_any_work(tmp_path):
-    from flywheel.rounds import check_gate_metric
+    from flywheel.round.checks import check_gate_metric
 
     ok = small_config(tmp_path, promotion={"guards": [{"metric": "eval/world_mc/acc", "max_drop": 0.01}]})
     check_gate_metric(ok)
@@ -346,7 +346,7 @@ def test_same_code_works_against_a_real_mlflow_server(tmp_path, checkpoints):
         wait_for_server(f"http://127.0.0.1:{port}/health", server, 90)
         cfg = small_config(tmp_path / "home", name="team", tracking={"uri": f"http://127.0.0.1:{port}"})
         tracker = open_tracker(cfg)
-        from flywheel.rounds import plan_round
+        from flywheel.round.plan import plan_round
 
         plan_round(cfg)  # what a round records first: its plan and its params
         _, r0, d0 = simulate_round(tracker, 0, checkpoints[0], checkpoints[1], 0.2)

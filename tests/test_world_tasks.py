@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from flywheel.world.answers import extract_answer, is_correct
+from flywheel.answers import extract_answer, is_correct
 from flywheel.world.tasks import (
     LEVEL_NAMES,
     LEVELS,

@@ -78,12 +78,13 @@ def select_documents(cfg: FlywheelConfig, base: str, reference: str, keep: float
     Content-keyed like every stage: the same corpus, models and fraction reuse the written file.
     """
     from flywheel.data.mixture import build_mixture
-    from flywheel.models import load_model, load_tokenizer, model_identity, resolve_model, tokenizer_identity
+    from flywheel.models import load_model, load_tokenizer, model_identity, tokenizer_identity
+    from flywheel.refs import model_location
 
     tok = load_tokenizer(cfg)
     corpus = build_mixture(cfg, tok, tokenizer_identity(tok))
-    key = fingerprint(MINIPLM_VERSION, corpus.key, model_identity(resolve_model(cfg, base)),
-                      model_identity(resolve_model(cfg, reference)), keep, cfg.model.dtype)
+    key = fingerprint(MINIPLM_VERSION, corpus.key, model_identity(model_location(cfg, base)),
+                      model_identity(model_location(cfg, reference)), keep, cfg.model.dtype)
     path = cfg.home / "cache" / "miniplm" / f"{key}.jsonl"
     if path.exists():
         rows = read_jsonl(path)

@@ -7,7 +7,7 @@ that knows the correct answer would score them. ReMiT reads reference log-probs 
 the RL reference's weights with `flywheel_oracle` in its config.json, so its identity (and every key
 built on it) differs from the RL reference's. Scoring that folder with the model itself would give
 the RL reference's numbers, so `write_oracle_cache` must run before the anneal that reads it; the
-harness does that for every `oracle` cell.
+cell (flywheel/ablation/cell.py) does that for every `oracle` variant.
 
 The control (declared before any number was seen): at ε = none, ReMiT guided by the oracle must lower
 the held-out answer-token loss faster than NTP. If it does not, the weights do not reach the tokens
@@ -36,9 +36,10 @@ ORACLE_ROLES = {"oracle": "answers", "oracle_results": "results"}
 
 def oracle_folder(cfg: FlywheelConfig, reference: str, certain_of: str = "answers") -> Path:
     """The oracle's folder for this RL reference (its weights, marked as an oracle); made once."""
-    from flywheel.models import model_identity, resolve_model
+    from flywheel.models import model_identity
+    from flywheel.refs import model_location
 
-    ref_path = Path(resolve_model(cfg, reference))
+    ref_path = Path(model_location(cfg, reference))
     ident = model_identity(str(ref_path))
     final = cfg.home / "cache" / "oracle" / (ident if certain_of == "answers" else f"{ident}-{certain_of}")
     if (final / "config.json").exists():

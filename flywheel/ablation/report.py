@@ -1,15 +1,16 @@
 """The ablation's tables: per phase mean ± 95% CI over seeds, tokens-to-baseline, KL, tests, a plot.
 
 `summarize` is pure (cells in, a JSON-able report out) so it can be checked on made-up cells;
-`write_report` and `log_report` put it on disk and in MLflow.
+`write_report` puts it on disk (`tracking.log_report` in MLflow).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flywheel.ablation.catalogue import baseline_of
 from flywheel.ablation.stats import (
     Comparison,
     Estimate,
@@ -23,6 +24,9 @@ from flywheel.ablation.stats import (
 from flywheel.ablation.token_report import plot_token_curves, token_markdown, token_summary
 from flywheel.data.io import write_json
 from flywheel.metrics import AVG, PREFIX, by_task, primary_metric
+
+if TYPE_CHECKING:
+    from flywheel.ablation.plan import AblationPlan
 
 PHASES = {"mid": "after mid-training", "post": "after post-training"}
 BASELINE = "ntp"  # the variant whose final score the tokens-to-baseline ratio aims at
@@ -51,11 +55,11 @@ def _by_seed(cells: list[dict[str, Any]], variant: str) -> dict[int, dict[str, A
     return {c["seed"]: c for c in cells if c["variant"] == variant and not c.get("failed")}
 
 
-def _curves(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]], metric: str
+def _curves(variants: list[str], base: dict[str, Any], cells: list[dict[str, Any]], metric: str
             ) -> dict[str, list[dict[str, Any]]]:
     """Per variant: score at 0 tokens (the base) and at every evaluated fraction, mean ± CI over seeds."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for variant in plan["variants"]:
+    for variant in variants:
         runs = list(_by_seed(cells, variant).values())
         if not runs:
             continue
@@ -72,9 +76,7 @@ def _curves(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, An
 
 def _baseline(variant: str) -> str:
     """The NTP variant a variant is compared with: the one of the same anneal length."""
-    from flywheel.ablation.harness import VARIANTS
-
-    return VARIANTS[variant].baseline if variant in VARIANTS else BASELINE
+    return baseline_of(variant, BASELINE)
 
 
 def _pairs(variants: list[str]) -> list[tuple[str, str]]:
@@ -104,25 +106,24 @@ def _with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything the study found, as one JSON-able dict (with its markdown rendering under `markdown`)."""
-    ok = [c for c in cells if not c.get("failed")]
-    columns = table_metrics([c[p] for c in ok for p in PHASES])
+def _phase_tables(variants: list[str], cells: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """Per phase and variant: the seeds that finished and each column's mean ± CI over them."""
     phases: dict[str, dict[str, Any]] = {}
     for phase in PHASES:
         phases[phase] = {}
-        for variant in plan["variants"]:
+        for variant in variants:
             runs = _by_seed(cells, variant)
             phases[phase][variant] = {
                 "seeds": sorted(runs),
                 **{m: _est_dict(_estimate([r[phase][m] for r in runs.values() if m in r[phase]]))
                    for m in columns},
             }
-    kl = {v: _est_dict(_estimate([r["kl"] for r in _by_seed(cells, v).values() if r["kl"] is not None]))
-          for v in plan["variants"]}
-    curves = _curves(plan, base, cells, AVG)
+    return phases
+
+
+def _tokens_to_baseline(curves: dict[str, list[dict[str, Any]]], notes: list[str]) -> dict[str, Any]:
+    """Each variant's tokens to reach NTP's final avg, as a share of NTP's; a note when that says nothing."""
     ratios: dict[str, Any] = {}
-    notes = list(plan.get("notes", []))
     if BASELINE in curves and len(curves[BASELINE]) > 1:
         baseline = [(p["tokens"], p["mean"]) for p in curves[BASELINE]]
         if baseline[-1][1] <= baseline[0][1]:
@@ -131,23 +132,35 @@ def summarize(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, 
         for variant, points in curves.items():
             if variant != BASELINE and _baseline(variant) == BASELINE:
                 ratios[variant] = tokens_ratio([(p["tokens"], p["mean"]) for p in points], baseline)
-    comparisons = {phase: _with_holm([vars(c) for a, b in _pairs(plan["variants"])
+    return ratios
+
+
+def summarize(plan: AblationPlan, base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the study found, as one JSON-able dict (with its markdown rendering under `markdown`)."""
+    variants = plan.variants
+    columns = table_metrics([c[p] for c in cells if not c.get("failed") for p in PHASES])
+    kl = {v: _est_dict(_estimate([r["kl"] for r in _by_seed(cells, v).values() if r["kl"] is not None]))
+          for v in variants}
+    curves = _curves(variants, base, cells, AVG)
+    notes = list(plan.notes or [])
+    ratios = _tokens_to_baseline(curves, notes)
+    comparisons = {phase: _with_holm([vars(c) for a, b in _pairs(variants)
                                       if (c := _compare(cells, phase, a, b))]) for phase in PHASES}
     report = {
-        "study": plan["study"], "name": plan["name"], "size": plan["size"], "variants": plan["variants"],
-        "seeds": plan["seeds"], "fractions": plan["fractions"], "columns": columns,
-        "token_budget": plan["config"]["midtrain"]["token_budget"], "references": plan["references"],
-        "bootstrapped": plan["bootstrapped"], "notes": notes, "base": base, "phases": phases,
-        "kl_to_reference": kl,
+        "study": plan.study, "name": plan.name, "size": plan.size, "variants": variants,
+        "seeds": plan.seeds, "fractions": plan.fractions, "columns": columns,
+        "token_budget": plan.config["midtrain"]["token_budget"], "references": plan.references,
+        "bootstrapped": plan.bootstrapped, "notes": notes, "base": base,
+        "phases": _phase_tables(variants, cells, columns), "kl_to_reference": kl,
         "curves": {AVG: curves}, "tokens_to_baseline": ratios, "comparisons": comparisons,
         "cells": [{k: v for k, v in c.items() if k != "midtrain_config"} for c in cells],
         "failed": [c for c in cells if c.get("failed")],
-        "plan": plan,
+        "plan": plan.to_json(),
         "cell_seconds": {v: _est_dict(_estimate([r["seconds"]["total"] for r in _by_seed(cells, v).values()]))
-                         for v in plan["variants"]},
+                         for v in variants},
         "evaluation_points": "checkpoints of the same run at the given fractions of the budget (one anneal "
                              "per cell; earlier points are mid-schedule, not separately annealed runs)",
-        "tokens": token_summary(plan, base, cells),
+        "tokens": token_summary(variants, plan.references, base, cells),
     }
     report["markdown"] = to_markdown(report)
     return report
@@ -157,8 +170,8 @@ def _short(metric: str) -> str:
     return "avg" if metric == AVG else metric.removeprefix(PREFIX)
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    """The tables a person reads: one per phase, the curve, tokens-to-baseline, significance, failures."""
+def _head_md(report: dict[str, Any]) -> list[str]:
+    """The title, what the numbers are, the notes, and the starting points (the base and the references)."""
     cols = report["columns"]
     lines = [f"# Ablation {report['study']} ({report['name']}, size {report['size']})", "",
              f"Seeds {', '.join(map(str, report['seeds']))}; {report['token_budget']:,} mid-training tokens; "
@@ -171,7 +184,12 @@ def to_markdown(report: dict[str, Any]) -> str:
               "| pre-anneal base | few-shot | " + " | ".join(_points(base.get(c)) for c in cols) + " |"]
     lines += [f"| {role} reference | zero-shot, chat | " + " | ".join(_points(m.get(c)) for c in cols) + " |"
               for role, m in refs.items()]
-    lines.append("")
+    return lines + [""]
+
+
+def _phases_md(report: dict[str, Any]) -> list[str]:
+    """One table per phase that has scores: each variant's seeds and columns (and KL after mid-training)."""
+    cols, lines = report["columns"], []
     for phase, title in PHASES.items():
         if not any(row.get(c) for row in report["phases"][phase].values() for c in cols):
             continue  # a study that skips post-training has no such table
@@ -188,6 +206,12 @@ def to_markdown(report: dict[str, Any]) -> str:
                 cells.append(format_estimate(Estimate(**_plain(kl)), scale=1.0, digits=3) if kl else "–")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def _curves_md(report: dict[str, Any]) -> list[str]:
+    """avg at every evaluated token count, and the tokens each variant needs to reach NTP's final avg."""
+    lines: list[str] = []
     curves = report["curves"].get(AVG, {})
     if curves:
         tokens = sorted({p["tokens"] for pts in curves.values() for p in pts})
@@ -205,6 +229,12 @@ def to_markdown(report: dict[str, Any]) -> str:
                   "|---|---|"]
         lines += [f"| {v} | {format_ratio(e)} |" for v, e in report["tokens_to_baseline"].items()]
         lines.append("")
+    return lines
+
+
+def _comparisons_md(report: dict[str, Any]) -> list[str]:
+    """Each phase's differences in avg with their tests, Holm-adjusted over the phase's family."""
+    lines: list[str] = []
     for phase, rows in report["comparisons"].items():
         if rows:
             lines += [f"## Differences in avg {PHASES[phase]} (α = 0.05; Holm over the {len(rows)} tests)", "",
@@ -216,9 +246,14 @@ def to_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['a']} − {r['b']} | {r['diff'] * 100:+.1f} | {r['test']} | {p} | {ph} | "
                              f"{'yes' if r.get('significant_holm') else 'no'} |")
             lines.append("")
+    return lines
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The tables a person reads: one per phase, the curve, tokens-to-baseline, significance, failures."""
+    lines = [*_head_md(report), *_phases_md(report), *_curves_md(report), *_comparisons_md(report)]
     lines += token_markdown(report.get("tokens"))
-    for f in report["failed"]:
-        lines.append(f"- failed: {f['variant']} seed {f['seed']}: {f['error']}")
+    lines += [f"- failed: {f['variant']} seed {f['seed']}: {f['error']}" for f in report["failed"]]
     lines.append(f"Evaluation points: {report['evaluation_points']}.")
     return "\n".join(lines) + "\n"
 
@@ -306,14 +341,3 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
         if entry["ratio"] is not None and math.isfinite(entry["ratio"]):
             out[f"tokens_to_{BASELINE}/{variant}"] = entry["ratio"]
     return out
-
-
-def log_report(tracker: Any, parent_run: str, report: dict[str, Any], out_dir: Path) -> None:
-    """The summary numbers and the three files on the study's parent run."""
-    tracker.log_metrics(parent_run, summary_metrics(report))
-    for key in ("json", "markdown", "plot", "token_plot"):
-        path = Path(report.get("files", {}).get(key, ""))
-        if path.is_file():
-            tracker.log_artifact(parent_run, path, "ablation")
-    tracker.set_tags(parent_run, {"flywheel.ablation.failed_cells": len(report["failed"])})
-    tracker.client.set_terminated(parent_run, "FAILED" if report["failed"] else "FINISHED")

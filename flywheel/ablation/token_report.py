@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flywheel.ablation.catalogue import VARIANTS, Variant
 from flywheel.ablation.stats import compare, mean_ci
 from flywheel.ablation.tokens import BUCKETS, CLASSES
 from flywheel.metrics import AVG
@@ -18,9 +19,7 @@ MEASURES = ("all", *CLASSES, *BUCKETS)
 DIFF_MEASURES = ("avg", "answer", "result", "digit", "operator", "prose", "top", "bottom")
 
 
-def _variant(name: str) -> Any:
-    from flywheel.ablation.harness import VARIANTS
-
+def _variant(name: str) -> Variant | None:
     return VARIANTS.get(name)
 
 
@@ -49,17 +48,17 @@ def _est(values: list[float]) -> dict[str, Any] | None:
     return mean_ci(values).to_dict() if values else None
 
 
-def token_summary(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+def token_summary(variants: list[str], references: dict[str, Any], base: dict[str, Any],
+                  cells: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Per variant the measures along the anneal (mean ± CI over seeds); per pair the paired differences."""
     if not any(p.get("token_nll") for c in cells if not c.get("failed") for p in c["curve"]):
         return None
-    refs = plan["references"]
     curves: dict[str, Any] = {}
-    for variant in plan["variants"]:
+    for variant in variants:
         runs = list(_cells(cells, variant).values())
         if not runs:
             continue
-        role = role_of(variant, refs)
+        role = role_of(variant, references)
         points = [{"tokens": 0, **{m: _est([x] if (x := value(base, m, role)) is not None else [])
                                    for m in MEASURES}}]
         for i in range(min(len(r["curve"]) for r in runs)):
@@ -67,7 +66,7 @@ def token_summary(plan: dict[str, Any], base: dict[str, Any], cells: list[dict[s
                            **{m: _est([x for r in runs if (x := value(r["curve"][i], m, role)) is not None])
                               for m in MEASURES}})
         curves[variant] = {"role": role, "points": points}
-    return {"curves": curves, "differences": differences(plan, cells),
+    return {"curves": curves, "differences": differences(variants, references, cells),
             "classes": CLASSES, "buckets": BUCKETS}
 
 
@@ -77,18 +76,19 @@ def _pair_value(cell: dict[str, Any], measure: str, role: str | None, i: int) ->
     return value(cell["curve"][i], measure, role)
 
 
-def differences(plan: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def differences(variants: list[str], references: dict[str, Any], cells: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
     """variant − its NTP baseline, paired by seed: avg at the end; each NLL measure at every point."""
     rows = []
-    for variant in plan["variants"]:
+    for variant in variants:
         v = _variant(variant)
-        if v is None or v.baseline == variant or v.baseline not in plan["variants"]:
+        if v is None or v.baseline == variant or v.baseline not in variants:
             continue
         mine, theirs = _cells(cells, variant), _cells(cells, v.baseline)
         seeds = sorted(set(mine) & set(theirs))
         if not seeds:
             continue
-        role = role_of(variant, plan["references"])
+        role = role_of(variant, references)
         n_points = min(len(c["curve"]) for c in [*mine.values(), *theirs.values()])
         row: dict[str, Any] = {"variant": variant, "baseline": v.baseline, "role": role, "seeds": seeds,
                                "points": []}

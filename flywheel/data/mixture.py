@@ -45,7 +45,6 @@ from flywheel.data.store import (
     build_source,
     estimate_tokens,
     open_store,
-    source_files,
     store_key,
 )
 from flywheel.errors import FlywheelError
@@ -207,34 +206,34 @@ def _take(store: SourceStore, base: int, seq_len: int, count: int, rng: np.rando
     return windows, epoch_from or 0.0, epoch_to
 
 
-def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | None = None,
-                  on_source: Callable[[int, int | None], None] | None = None,
-                  on_tokens: Callable[[int], None] | None = None) -> PackedCorpus:
-    """Build (or reuse) every source's store and the window index; reuse the whole mixture when the key matches.
-
-    `on_source(i, estimated_tokens)` is called before source i's store is built, `on_tokens(n)` as
-    its tokens are written (the CLI's progress bar).
-    """
+def _window_count(cfg: FlywheelConfig) -> int:
     mt = cfg.midtrain
     n_windows = mt.token_budget // mt.seq_len
     if n_windows == 0:
         raise FlywheelError(f"midtrain.token_budget: {mt.token_budget} tokens is less than one window of "
                             f"midtrain.seq_len={mt.seq_len}; raise the budget")
-    counts = window_counts(n_windows, [s.weight for s in cfg.data.sources])
-    workers = max(1, workers or cfg.data.workers or os.cpu_count() or 1)
-    # a hub source is streamed only as far as its share (plus a window per shard tail, dropped)
-    caps = [None if source_files(cfg, s) is not None else (c + 1) * mt.seq_len
-            for s, c in zip(cfg.data.sources, counts, strict=True)]
-    keys = [store_key(cfg, s, tok, cap) for s, cap in zip(cfg.data.sources, caps, strict=True)]
-    part = cfg.data.slice
+    return n_windows
+
+
+def _stream_caps(cfg: FlywheelConfig, counts: list[int]) -> list[int | None]:
+    """Tokens to read per source: a hub source is streamed only as far as its share (plus a window per shard
+    tail, dropped); a local one is read whole."""
+    seq_len = cfg.midtrain.seq_len
+    return [(c + 1) * seq_len if s.ref.kind == "hub" else None for s, c in zip(cfg.data.sources, counts, strict=True)]
+
+
+def mixture_key(cfg: FlywheelConfig, tokenizer_id: str, store_keys: list[str]) -> str:
+    """The mixture's cache key: tokenizer, sources and their stores, budget, seq_len, seed and slice (when not 0)."""
+    mt, part = cfg.midtrain, cfg.data.slice
     sources_json = [s.model_dump(mode="json") for s in cfg.data.sources]
-    key = fingerprint(MIX_VERSION, tokenizer_id, list(zip(sources_json, keys, strict=True)),
-                      mt.token_budget, mt.seq_len, cfg.seed, *([("slice", part)] if part else []))
-    folder = packed_folder(cfg, key)
-    rank, world = distributed_rank()
-    if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
-        wait_until("rank 0 to build the mixture", lambda: [] if (folder / "meta.json").exists() else [key])
-        return PackedCorpus(folder, key)
+    return fingerprint(MIX_VERSION, tokenizer_id, list(zip(sources_json, store_keys, strict=True)),
+                       mt.token_budget, mt.seq_len, cfg.seed, *([("slice", part)] if part else []))
+
+
+def _source_stores(cfg: FlywheelConfig, tok, keys: list[str], caps: list[int | None], workers: int,
+                   on_source: Callable[[int, int | None], None] | None,
+                   on_tokens: Callable[[int], None] | None) -> tuple[list[SourceStore], list[BuildReport]]:
+    """Every source's store, opened when complete, else built (the builds are returned too)."""
     builds, stores = [], []
     for i, (src, cap) in enumerate(zip(cfg.data.sources, caps, strict=True)):
         done = cfg.home / "cache" / "tokens" / keys[i] / "store.json"
@@ -246,20 +245,23 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
         rep = build_source(cfg, src, tok, max_tokens=cap, workers=workers, on_tokens=on_tokens)
         builds.append(rep)
         stores.append(rep.store)
-    if (folder / "meta.json").exists():
-        return PackedCorpus(folder, key, builds)
+    return stores, builds
 
+
+def _write_index(cfg: FlywheelConfig, folder: Path, key: str, stores: list[SourceStore], counts: list[int]) -> None:
+    """Take each source's windows for this slice, shuffle them together, and write windows.npy + meta.json."""
+    seq_len, part = cfg.midtrain.seq_len, cfg.data.slice
     starts, sources, shards, base = [], [], [], 0
     for i, (src, store, count) in enumerate(zip(cfg.data.sources, stores, counts, strict=True)):
-        if len(_source_windows(store, base, mt.seq_len)) == 0:
+        if len(_source_windows(store, base, seq_len)) == 0:
             raise FlywheelError(f"data.sources.{i}.source: {src.source} holds {store.meta['tokens']:,} tokens in "
-                                f"shards shorter than midtrain.seq_len={mt.seq_len}; add data or shorten seq_len")
+                                f"shards shorter than midtrain.seq_len={seq_len}; add data or shorten seq_len")
         rng = np.random.default_rng([cfg.seed, i, MIX_VERSION])
-        taken, epoch_from, epoch_to = _take(store, base, mt.seq_len, count, rng, skip=part * count)
+        taken, epoch_from, epoch_to = _take(store, base, seq_len, count, rng, skip=part * count)
         starts.append(taken)
         sources.append({"source": src.source, "store": store.key, "documents": store.meta["documents"],
                         "store_tokens": store.meta["tokens"], "windows": int(count),
-                        "tokens": int(count) * mt.seq_len, "epochs": round(epoch_to - epoch_from, 4),
+                        "tokens": int(count) * seq_len, "epochs": round(epoch_to - epoch_from, 4),
                         "epoch_from": round(epoch_from, 4), "epoch_to": round(epoch_to, 4),
                         "bytes": store.meta["bytes"]})
         shards += [{"path": os.path.relpath(store.folder / s["file"], folder), "dtype": store.meta["dtype"],
@@ -269,6 +271,29 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     index = index[np.random.default_rng([cfg.seed, MIX_VERSION]).permutation(len(index))]
     with atomic_dir(folder) as tmp:
         np.save(tmp / "windows.npy", index)
-        write_json(tmp / "meta.json", {"key": key, "slice": part, "rows": len(index), "seq_len": mt.seq_len,
-                                       "tokens": len(index) * mt.seq_len, "sources": sources, "shards": shards})
+        write_json(tmp / "meta.json", {"key": key, "slice": part, "rows": len(index), "seq_len": seq_len,
+                                       "tokens": len(index) * seq_len, "sources": sources, "shards": shards})
+
+
+def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | None = None,
+                  on_source: Callable[[int, int | None], None] | None = None,
+                  on_tokens: Callable[[int], None] | None = None) -> PackedCorpus:
+    """Build (or reuse) every source's store and the window index; reuse the whole mixture when the key matches.
+
+    `on_source(i, estimated_tokens)` is called before source i's store is built, `on_tokens(n)` as
+    its tokens are written (the CLI's progress bar).
+    """
+    counts = window_counts(_window_count(cfg), [s.weight for s in cfg.data.sources])
+    workers = max(1, workers or cfg.data.workers or os.cpu_count() or 1)
+    caps = _stream_caps(cfg, counts)
+    keys = [store_key(cfg, s, tok, cap) for s, cap in zip(cfg.data.sources, caps, strict=True)]
+    key = mixture_key(cfg, tokenizer_id, keys)
+    folder = packed_folder(cfg, key)
+    rank, world = distributed_rank()
+    if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
+        wait_until("rank 0 to build the mixture", lambda: [] if (folder / "meta.json").exists() else [key])
+        return PackedCorpus(folder, key)
+    stores, builds = _source_stores(cfg, tok, keys, caps, workers, on_source, on_tokens)
+    if not (folder / "meta.json").exists():
+        _write_index(cfg, folder, key, stores, counts)
     return PackedCorpus(folder, key, builds)

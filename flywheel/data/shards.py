@@ -18,7 +18,7 @@ from datatrove.utils.batching import batched
 from datatrove.utils.tokenization import PipelineStepWithTokenizer
 
 from flywheel.config import DataSource
-from flywheel.data.store import ROWS_PER_BATCH, Piece, piece_texts
+from flywheel.data.kinds import ROWS_PER_BATCH, Piece, piece_texts
 from flywheel.failpoints import failpoint
 
 

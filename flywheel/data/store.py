@@ -15,11 +15,12 @@ Each task writes one shard in datatrove's own format, so its readers and tools w
 A shard is written as `.<n>.ds.tmp` and renamed when its task completes; the folder is
 `<key>.partial/` until every shard is there, then renamed to `<key>/`. So a kill loses at most
 the running pieces, and nothing half-built ever looks complete. Every document ends with EOS.
+How each kind of source is cut and read is its entry in flywheel/data/kinds.py.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -27,31 +28,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from glob import glob, has_magic
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flywheel.config import DATA_FILE_SUFFIXES, DataSource, FlywheelConfig
-from flywheel.data.io import _not_utf8, fingerprint, parquet_schema, read_json_rows, write_json
+from flywheel.config import DataSource, FlywheelConfig
+from flywheel.data.io import fingerprint, write_json
+from flywheel.data.kinds import HUB, Piece, kind_of, piece_texts
 from flywheel.errors import FlywheelError
+from flywheel.refs import Ref, data_files
 
 STORE_VERSION = 1
-PIECE_BYTES = 64 << 20  # a jsonl file is cut into pieces of about this size: one task and one shard each
-ROWS_PER_BATCH = 1000  # documents tokenized per batch (the tokenizer's working set)
-FULL_HASH_BYTES = 16 << 20  # files up to this size are fingerprinted by content; larger ones by size, mtime, ends
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One task's share of a source: `path` from `start` to `end` (bytes for jsonl, row groups for parquet)."""
-
-    path: str
-    start: int = 0
-    end: int = 0
-    kind: str = "jsonl"  # jsonl | json | parquet | hub
-
+PIECE_BYTES = 64 << 20  # a file is cut into pieces of about this size: one task and one shard each
 
 @dataclass
 class SourceStore:
@@ -87,58 +76,22 @@ def _where(cfg: FlywheelConfig, src: DataSource) -> str:
     return f"data.sources.{index}" if index is not None else "data.sources"
 
 
+def source_ref(cfg: FlywheelConfig, src: DataSource) -> Ref:
+    """A source's reference, naming its field (data.sources.<i>.source) for errors."""
+    return dataclasses.replace(src.ref, field=f"{_where(cfg, src)}.source")
+
+
 def source_files(cfg: FlywheelConfig, src: DataSource) -> list[Path] | None:
     """The local files of a source (sorted, so the store is the same on every machine); None for a hub dataset."""
-    ref = src.source
-    if ref.startswith("world:"):
-        from flywheel.world.build import resolve_world_ref
-
-        return [resolve_world_ref(cfg, ref)]
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_FILE_SUFFIXES))
-        if not files:
-            raise FlywheelError(f"{_where(cfg, src)}.source: the folder {ref} holds no {'/'.join(DATA_FILE_SUFFIXES)} "
-                                "files; point it at the folder with the data")
-        return files
-    if has_magic(ref):
-        files = sorted(Path(p) for p in glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise FlywheelError(f"{_where(cfg, src)}.source: the glob {ref} matches no file; fix the pattern")
-        bad = [p for p in files if not p.name.endswith(DATA_FILE_SUFFIXES)]
-        if bad:
-            raise FlywheelError(f"{_where(cfg, src)}.source: the glob {ref} matches {bad[0]}, which is not "
-                                f"{'/'.join(DATA_FILE_SUFFIXES)}; narrow the pattern")
-        return files
-    return None
-
-
-def _file_fingerprint(path: Path) -> str:
-    """Content hash for files up to FULL_HASH_BYTES; above, size + mtime + the first and last MiB.
-
-    Every `midtrain` start fingerprints every source file, so a 50B-token corpus must not be read
-    whole each time: an edit changes the mtime, a copy that keeps mtime and size keeps the bytes.
-    """
-    from flywheel.data.io import file_fingerprint
-
-    st = path.stat()
-    if st.st_size <= FULL_HASH_BYTES:
-        return file_fingerprint(path)
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-        f.seek(-(1 << 20), os.SEEK_END)
-        tail = f.read()
-    return fingerprint(st.st_size, st.st_mtime_ns, hashlib.sha256(head + tail).hexdigest())
+    return data_files(cfg, source_ref(cfg, src))
 
 
 def source_fingerprint(cfg: FlywheelConfig, src: DataSource) -> Any:
     """What the source's bytes are: file fingerprints, or id + subset + split for a hub dataset."""
     files = source_files(cfg, src)
     if files is None:
-        return fingerprint(src.source, src.subset, src.split)
-    return [(p.name, _file_fingerprint(p)) for p in files]
+        return HUB.fingerprint(src.source, src)
+    return [(p.name, kind_of(p).fingerprint(str(p), src)) for p in files]
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -154,139 +107,15 @@ def store_key(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | None)
 # --- reading pieces ------------------------------------------------------------------------------
 
 
-def _line_number(path: str, offset: int) -> int:
-    """1-based line of byte `offset` (counted only when an error must name it)."""
-    n, done = 1, 0
-    with open(path, "rb") as f:
-        while done < offset:
-            block = f.read(min(1 << 22, offset - done))
-            if not block:
-                break
-            n += block.count(b"\n")
-            done += len(block)
-    return n
-
-
-def _jsonl_texts(piece: Piece, field: str | None) -> Iterator[Any]:
-    """The texts of the lines that start in [start, end) of a jsonl file (with `field` None: the rows).
-
-    A line that is not UTF-8, not JSON or not an object names the file and the line.
-    """
-    with open(piece.path, "rb") as f:
-        if piece.start > 0:
-            f.seek(piece.start - 1)
-            f.readline()  # the line that starts before `start` belongs to the previous piece
-        pos = f.tell()
-        while pos < piece.end:
-            raw = f.readline()
-            if not raw:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _not_utf8(Path(piece.path), _line_number(piece.path, pos), pos + exc.start,
-                                raw[exc.start:exc.start + 1]) from None
-            if pos == 0:
-                line = line.removeprefix("\ufeff")
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FlywheelError(f"{piece.path}: line {_line_number(piece.path, pos)}, column {exc.colno} is "
-                                        f"not valid JSON ({exc.msg}); fix or remove it") from None
-                if not isinstance(row, dict):
-                    raise FlywheelError(f"{piece.path}: line {_line_number(piece.path, pos)} is not a JSON object; "
-                                        "each line must be {...}")
-                text = row if field is None else row.get(field)
-                if field is None or (isinstance(text, str) and text):
-                    yield text
-            pos += len(raw)
-
-
-def _parquet_texts(piece: Piece, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(piece.path)
-    for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=range(piece.start, piece.end), columns=[field]):
-        yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t)
-
-
-def _hub_texts(src: DataSource, piece: Piece) -> Iterator[str]:
-    """Shard `piece.start` of `piece.end` of a streamed hub dataset (never fully downloaded)."""
-    import datasets
-
-    from flywheel.models import check_hub_access, hub_failure
-
-    try:
-        check_hub_access("data.sources", src.source, "dataset")
-        stream = datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True)
-        if piece.end > 1:
-            stream = stream.shard(num_shards=piece.end, index=piece.start)
-        for row in stream:
-            if src.text_field not in row:
-                raise FlywheelError(f"{src.source}: has no column '{src.text_field}' (columns: {', '.join(row)}); "
-                                    "set text_field")
-            text = row[src.text_field]
-            if isinstance(text, str) and text:
-                yield text
-    except FlywheelError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - offline, unknown id, unknown split: all mean "cannot get it here"
-        failure = hub_failure("data.sources", src.source, exc, "dataset")
-        if failure is not None:
-            raise failure from None
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise FlywheelError(f"{src.source}: could not load the hub dataset (split '{src.split}'): {first}; check "
-                            "the id, the subset and the split") from None
-
-
-def piece_texts(src: DataSource, piece: Piece) -> Iterator[str]:
-    if piece.kind == "jsonl":
-        return _jsonl_texts(piece, src.text_field)
-    if piece.kind == "parquet":
-        return _parquet_texts(piece, src.text_field)
-    if piece.kind == "json":
-        rows = read_json_rows(Path(piece.path))  # a JSON array cannot be streamed; .json files are small
-        return (r[src.text_field] for r in rows if isinstance(r.get(src.text_field), str) and r[src.text_field])
-    return _hub_texts(src, piece)
-
-
 def _check_file(path: Path, field: str, where: str) -> None:
     """Before any work: the file is readable, not empty, and its first row has the text field."""
-    if path.suffix == ".parquet":
-        columns, n_rows = parquet_schema(path)
-    else:
-        first = None
-        if path.suffix == ".jsonl":
-            first = _first_jsonl_row(path)
-        else:
-            rows = read_json_rows(path)
-            first = rows[0] if rows else None
-        n_rows = 0 if first is None else 1
-        columns = list(first) if first else []
+    columns, n_rows = kind_of(path).columns(path)
     if n_rows == 0:
         raise FlywheelError(f"{path}: is empty (no rows); the mid-training mixture needs documents, so fill it or "
                             "remove this source")
     if field not in columns:
         raise FlywheelError(f"{path}: has no column '{field}' in its first row (columns: {', '.join(columns)}); set "
                             f"{where}.text_field to the column that holds the text")
-
-
-def _first_jsonl_row(path: Path) -> dict | None:
-    """The first non-blank row of a jsonl file, with the same one-sentence errors as a full read."""
-    size = path.stat().st_size
-    step = 1 << 16
-    while True:  # a first line longer than `step` bytes: look further
-        texts = _jsonl_rows(Piece(str(path), 0, min(size, step)))
-        row = next(texts, None)
-        if row is not None or step >= size:
-            return row
-        step *= 16
-
-
-def _jsonl_rows(piece: Piece) -> Iterator[dict]:
-    """The rows (objects) of the lines starting in a piece; errors as in `_jsonl_texts`."""
-    yield from _jsonl_texts(piece, None)
 
 
 def source_texts(cfg: FlywheelConfig, src: DataSource) -> Iterator[str]:
@@ -298,42 +127,30 @@ def source_texts(cfg: FlywheelConfig, src: DataSource) -> Iterator[str]:
 def estimate_tokens(cfg: FlywheelConfig, src: DataSource, tok, cap: int | None) -> int | None:
     """About how many tokens a source holds (for the progress bar's ETA): bytes x tokens per byte of a sample.
 
-    Measured on the first MiB of the first jsonl file (raw line bytes, so JSON overhead is in the
-    ratio); None where the size cannot be known up front (a hub stream without cap, parquet, json).
+    Measured on the start of the first file, where its kind can sample cheaply (jsonl: raw line bytes, so
+    JSON overhead is in the ratio); None where the size cannot be known up front (a hub stream without cap,
+    parquet, json).
     """
     files = source_files(cfg, src)
     if files is None:
         return cap
-    if not all(p.suffix == ".jsonl" for p in files):
+    if any(kind_of(p).sample is None for p in files):
         return None
-    first = files[0]
-    sample = Piece(str(first), 0, min(first.stat().st_size, 1 << 20))
-    texts = list(_jsonl_texts(sample, src.text_field))
+    texts, sampled = kind_of(files[0]).sample(files[0], src.text_field)
     tokens = sum(len(ids) + 1 for ids in tok(texts, add_special_tokens=False)["input_ids"]) if texts else 0
-    return int(tokens / max(1, sample.end) * sum(p.stat().st_size for p in files))
+    return int(tokens / max(1, sampled) * sum(p.stat().st_size for p in files))
 
 
 def plan_pieces(cfg: FlywheelConfig, src: DataSource, workers: int) -> list[Piece]:
-    """Cut a source into tasks: jsonl by byte ranges, parquet by row groups, hub streams by shards."""
+    """Cut a source into tasks, each file by its kind (jsonl by byte ranges, parquet by row groups); a hub
+    dataset is one stream (its pieces must not depend on the worker count: its store key does not)."""
     files = source_files(cfg, src)
-    if files is None:  # one stream: a hub source's pieces must not depend on the worker count (its store key does not)
-        return [Piece(src.source, 0, 1, "hub")]
+    if files is None:
+        return HUB.pieces(src.source, PIECE_BYTES)
     pieces = []
     for path in files:
         _check_file(path, src.text_field, _where(cfg, src))
-        if path.suffix == ".jsonl":
-            size = path.stat().st_size
-            n = max(1, -(-size // PIECE_BYTES))
-            pieces += [Piece(str(path), size * i // n, size * (i + 1) // n, "jsonl") for i in range(n)]
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(path).metadata
-            groups, rows = meta.num_row_groups, meta.num_rows
-            per = max(1, groups * PIECE_BYTES // max(1, path.stat().st_size)) if rows else groups
-            pieces += [Piece(str(path), g, min(groups, g + per), "parquet") for g in range(0, groups, per)]
-        else:
-            pieces.append(Piece(str(path), 0, 0, "json"))
+        pieces += kind_of(path).pieces(str(path), PIECE_BYTES)
     return pieces
 
 
@@ -370,7 +187,7 @@ def build_source(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | No
     if not tokenizer_file.exists():
         tok.backend_tokenizer.save(str(tokenizer_file))
     per_piece = max_tokens  # only a hub source is capped, and it is one piece
-    from flywheel.data.shards import QuietExecutor, ReadPiece, WriteShard
+    from flywheel.data.shards import QuietExecutor, ReadPiece, WriteShard  # datatrove: imported only to build
 
     steps = [ReadPiece(src, pieces), WriteShard(partial, tokenizer_file, tok.eos_token, per_piece)]
 

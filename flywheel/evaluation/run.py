@@ -59,14 +59,14 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def _resolve_checkpoint(cfg: FlywheelConfig, checkpoint: str | Path) -> tuple[str, str | None]:
     """The model to load and, when its folder has none, the tokenizer the config names; clear errors otherwise."""
-    from flywheel.models import resolve_model
+    from flywheel.refs import model_location
 
-    ref = resolve_model(cfg, str(checkpoint))
+    ref = model_location(cfg, str(checkpoint))
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise FlywheelError(f"{checkpoint}: not a model folder (no config.json); pass a saved checkpoint folder")
-        tokenizer = None if _has_tokenizer(path) else resolve_model(cfg, cfg.model.tokenizer or cfg.model.source)
+        tokenizer = None if _has_tokenizer(path) else model_location(cfg, cfg.model.tokenizer or cfg.model.source)
         return str(path.resolve()), tokenizer
     if isinstance(checkpoint, Path) or ref.startswith(("/", "./", "../", "~")):
         raise FlywheelError(f"{checkpoint}: checkpoint folder not found; check the path")

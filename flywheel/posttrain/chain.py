@@ -35,10 +35,11 @@ from flywheel.data.io import (
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.launch import launch_kind
-from flywheel.models import load_model, load_tokenizer, model_identity, resolve_model
+from flywheel.models import load_model, load_tokenizer, model_identity
 from flywheel.posttrain.data import StageData, load_stage_data
 from flywheel.posttrain.rewards import NEEDS_COLUMNS, RewardFn, resolve_reward
 from flywheel.posttrain.sandbox import Limits
+from flywheel.refs import model_location
 
 log = logging.getLogger("flywheel.posttrain")
 
@@ -195,7 +196,7 @@ def trl_config(cfg: FlywheelConfig, plan: StagePlan, output_dir: Path) -> Any:
     import torch
 
     stage, cuda = plan.stage, torch.cuda.is_available()
-    tiny = (stage.data or "").startswith("world:")  # the tiny world's problems fit in 128 tokens
+    tiny = stage.ref is not None and stage.ref.kind == "world"  # the tiny world's problems fit in 128 tokens
     steps = stage.max_steps
     base: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -254,7 +255,7 @@ def posttrain(cfg: FlywheelConfig, checkpoint: str | Path, run_dir: Path | None 
     """
     t0 = time.perf_counter()
     checkpoint = str(checkpoint)
-    source = resolve_model(cfg, checkpoint)
+    source = model_location(cfg, checkpoint)
     _check_chat_template(load_tokenizer(cfg, source), checkpoint)
     plans = plan_stages(cfg)
     key = posttrain_key(cfg, source, plans)

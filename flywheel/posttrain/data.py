@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import file_fingerprint, fingerprint, read_json_rows, read_jsonl, read_parquet_rows
+from flywheel.data.io import file_fingerprint, fingerprint
+from flywheel.data.kinds import kind_of
 from flywheel.errors import FlywheelError
+from flywheel.hub import check_hub_access, hub_failure
+from flywheel.refs import DATA_REF, Ref, as_ref, local_path
 
 MESSAGE_COLUMNS = ("completion", "chosen", "rejected")
 # usual source names for the columns we need, to suggest a `columns:` mapping that is likely right
@@ -35,29 +38,20 @@ class StageData:
     fingerprint: str
 
 
-def read_source(cfg: FlywheelConfig, ref: str, split: str = "train", subset: str | None = None,
+def read_source(cfg: FlywheelConfig, ref: Ref | str, split: str = "train", subset: str | None = None,
                 field: str | None = None) -> tuple[list[dict[str, Any]], str, str]:
     """Rows, a display name and a content fingerprint for `world:<corpus>`, a local file, or a hub dataset."""
-    if ref.startswith("world:"):
-        from flywheel.world.build import resolve_world_ref
-
-        path = resolve_world_ref(cfg, ref)
-        return _read_file(path), str(path), file_fingerprint(path)
-    path = Path(ref).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
-        if not path.is_file():
-            raise FlywheelError(f"{path}: data file not found; check the path")
-        return _read_file(path), str(path), file_fingerprint(path)
-    return _read_hub(ref, split, subset, field)
+    ref = as_ref(ref, DATA_REF, field)
+    path = local_path(cfg, ref)
+    if path is None:
+        return _read_hub(ref.text, split, subset, field)
+    if not path.is_file():
+        raise FlywheelError(f"{path}: data file not found; check the path")
+    return _read_file(path), str(path), file_fingerprint(path)
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".parquet":
-        rows = read_parquet_rows(path)
-    elif path.suffix == ".json":
-        rows = read_json_rows(path)
-    else:
-        rows = read_jsonl(path)
+    rows = kind_of(path).rows(path)
     if not rows:
         raise FlywheelError(f"{path}: the file has no rows (it is empty); fill it or point the stage's data elsewhere")
     return rows
@@ -66,8 +60,6 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 def _read_hub(ref: str, split: str, subset: str | None, field: str | None = None
               ) -> tuple[list[dict[str, Any]], str, str]:
     import datasets
-
-    from flywheel.models import check_hub_access, hub_failure
 
     check_hub_access(field, ref, "dataset")  # no network or no such id: one sentence at once, not after retries
     try:

@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from flywheel.answers import extract_answer, first_answer, is_correct
 from flywheel.errors import FlywheelError
 from flywheel.posttrain.sandbox import Limits, run_tests
-from flywheel.world.answers import extract_answer, is_correct
-from flywheel.world.score import first_answer
 
 RewardFn = Callable[..., list[float]]
 

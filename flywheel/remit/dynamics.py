@@ -13,18 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.config import FlywheelConfig
+from flywheel.remit.catalog import Objective, objective_named
 
 WEIGHT_STATS = ("weight_std", "clip_high", "clip_low", "delta_mean")
 HELDOUT_ROWS = 32  # windows of held-out text for the KL: 4,096 tokens at the demo's seq_len
 
 
-def round_weight_stats(log_history: Iterable[dict], objective: str) -> dict[str, float]:
-    """The anneal's mean `remit/<stat>` over its logged steps; an NTP anneal weighs every token 1 (std and clips 0)."""
+def round_weight_stats(log_history: Iterable[dict], objective: str | Objective) -> dict[str, float]:
+    """The anneal's mean `remit/<stat>` over its logged steps; an objective that weighs every token 1 (ntp)
+    has std and clips 0."""
     rows = [h for h in log_history if "remit/weight_std" in h]
     if rows:
         return {f"remit/{k}": float(np.mean([h[f"remit/{k}"] for h in rows if f"remit/{k}" in h]))
                 for k in WEIGHT_STATS if any(f"remit/{k}" in h for h in rows)}
-    if objective == "ntp":
+    if objective_named(objective).unit_weights:
         return {"remit/weight_std": 0.0, "remit/clip_high": 0.0, "remit/clip_low": 0.0}
     return {}
 

@@ -19,6 +19,10 @@ paper's 8 x 4,096-token micro-batch is 13 GB, and cross-entropy keeps more of th
   log-probs. kd has no fused path: it runs chunked.
 - auto: fused on CUDA where liger-kernel is installed, else chunked; eager for a model whose logits are
   not a plain linear map of its last hidden states (soft-capped or scaled logits).
+
+Each kernel is one `Kernel` entry in `KERNELS`: how it computes an objective's `LossParts` and why it
+cannot run somewhere; what it does per objective it reads from the objective's catalog entry and
+`objectives.LOSSES`. A new kernel is one entry here.
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from flywheel.errors import FlywheelError
 from flywheel.remit import objectives
-from flywheel.remit.objectives import IGNORE_INDEX, LossParts
+from flywheel.remit.catalog import Objective, objective_named
+from flywheel.remit.objectives import IGNORE_INDEX, WHOLE, Loss, LossContext, LossParts, loss_of
 
-LOSS_KERNELS = ("auto", "chunked", "fused", "eager")
 LIGER_MIN = (0, 8, 2)  # Liger PR #1298: reduction="none" gave wrong weight gradients before 0.8.2
 # config fields some families use to transform logits after the output layer (Gemma-2, Cohere, Granite)
 _LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
@@ -77,35 +82,6 @@ def _liger_problem() -> str | None:
     if parts < LIGER_MIN:
         return f"liger-kernel {version} is older than 0.8.2, whose reduction='none' gradients are wrong"
     return None
-
-
-def resolve(requested: str, objective: str, model: torch.nn.Module,
-            reference: torch.nn.Module | None = None) -> str:
-    """The kernel `requested` (midtrain.loss_kernel) means for this model and objective, or one clear error."""
-    if requested not in LOSS_KERNELS:
-        raise ValueError(f"loss_kernel must be one of {LOSS_KERNELS}, got {requested!r}")
-    if requested == "eager":
-        return "eager"
-    why = unsupported(model) or (unsupported(reference) if objective == "kd" and reference is not None else None)
-    if requested == "auto":
-        if why:
-            return "eager"
-        cuda_fused = torch.cuda.is_available() and objective != "kd" and _liger_problem() is None
-        return "fused" if cuda_fused else "chunked"
-    if why:
-        raise FlywheelError(f"midtrain.loss_kernel: {requested} cannot compute this model's logits in pieces: "
-                            f"{why}; set loss_kernel: eager (or auto, which picks it)")
-    check_machine(requested, objective)
-    return "chunked" if requested == "fused" else requested  # kd has no fused path
-
-
-def check_machine(requested: str, objective: str) -> None:
-    """Refuse `fused` where it cannot run (no CUDA, no liger-kernel >= 0.8.2): before any work, no model needed."""
-    if requested == "fused" and objective != "kd":
-        problem = "no CUDA device is visible" if not torch.cuda.is_available() else _liger_problem()
-        if problem:
-            raise FlywheelError(f"midtrain.loss_kernel: fused needs Liger-Kernel's CUDA kernel, but {problem}; "
-                                "set loss_kernel: chunked (or auto)")
 
 
 def forward_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -217,9 +193,139 @@ def fused_logprobs(head: Hidden, targets: torch.Tensor, mask: torch.Tensor) -> t
     return -torch.where(mask, nll.view(B, T).float(), 0.0)
 
 
+def _nll(targets: torch.Tensor, mask: torch.Tensor) -> ChunkLoss:
+    """Plain NLL on a chunk's logits: what a second pass and reference scoring read the log-probs from."""
+    return lambda z, rows, cols: objectives.ntp(z, targets[rows, cols], mask[rows, cols])
+
+
+def _second_pass(loss: Loss, head: Hidden, targets: torch.Tensor, mask: torch.Tensor,
+                 ctx: LossContext) -> LossParts:
+    """Chunked, for an objective that picks its tokens over the whole micro-batch: read, select, then train."""
+    with torch.no_grad():  # pass 1: every token's log-prob, to pick the kept ones over the whole micro-batch
+        cur = chunked_parts(head, _nll(targets, mask), ctx.chunk_tokens).token_logprobs
+    chosen = loss.select(cur, mask, ctx)
+
+    def weighted_nll(z: torch.Tensor, rows: slice, cols: slice) -> LossParts:
+        logp = objectives.token_logprobs(z, targets[rows, cols], mask[rows, cols])
+        return LossParts((chosen.weights[rows, cols] * -logp).sum(), logp.detach(), None, None)
+
+    parts = chunked_parts(head, weighted_nll, ctx.chunk_tokens)
+    return LossParts(parts.loss_sum / chosen.divisor, parts.token_logprobs, chosen.weights, chosen.delta)
+
+
+def _eager_parts(objective: Objective, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                 ctx: LossContext) -> LossParts:
+    return loss_of(objective).on_logits(logits, targets, mask, ctx, WHOLE)
+
+
+def _chunked_parts(objective: Objective, head: Hidden, targets: torch.Tensor, mask: torch.Tensor,
+                   ctx: LossContext) -> LossParts:
+    loss = loss_of(objective)
+    if objective.second_pass:
+        return _second_pass(loss, head, targets, mask, ctx)
+
+    def on_chunk(z: torch.Tensor, rows: slice, cols: slice) -> LossParts:
+        return loss.on_logits(z, targets[rows, cols], mask[rows, cols], ctx, (rows, cols))
+
+    return chunked_parts(head, on_chunk, ctx.chunk_tokens, whole_rows=objective.whole_rows)
+
+
+def _fused_parts(objective: Objective, head: Hidden, targets: torch.Tensor, mask: torch.Tensor,
+                 ctx: LossContext) -> LossParts:
+    on_logprobs = loss_of(objective).on_logprobs
+    if on_logprobs is None:  # no log-prob form (kd): it runs chunked
+        return _chunked_parts(objective, head, targets, mask, ctx)
+    return on_logprobs(fused_logprobs(head, targets, mask), mask, ctx)
+
+
+def _fused_machine_problem() -> str | None:
+    problem = "no CUDA device is visible" if not torch.cuda.is_available() else _liger_problem()
+    if problem:
+        return f"midtrain.loss_kernel: fused needs Liger-Kernel's CUDA kernel, but {problem}; " \
+               "set loss_kernel: chunked (or auto)"
+    return None
+
+
+Parts = Callable[[Objective, torch.Tensor | Hidden, torch.Tensor, torch.Tensor, LossContext], LossParts]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to compute an objective's loss (`midtrain.loss_kernel`), and what it needs to run."""
+
+    name: str
+    parts: Parts  # (objective, head, targets, mask, ctx) -> LossParts; head: the logits, or a `Hidden`
+    from_hidden: bool = True  # starts from the last hidden states: the logits must be a linear map of them
+    logprob_form: bool = False  # runs an objective through its log-prob form; one without it runs chunked
+    machine_problem: Callable[[], str | None] | None = None  # what this machine lacks for it, in one sentence
+    resolves_to: str | None = None  # the kernel that trains when it is asked for by name, if not itself
+
+    def handles(self, objective: Objective) -> bool:
+        """Whether it computes this objective itself rather than handing it to another kernel."""
+        return not self.logprob_form or loss_of(objective).on_logprobs is not None
+
+    def machine_refusal(self, objective: Objective) -> str | None:
+        """Why this machine cannot run it for `objective` (no model needed); None if it can."""
+        return self.machine_problem() if self.machine_problem and self.handles(objective) else None
+
+    def available(self, model: torch.nn.Module, objective: Objective,
+                  reference: torch.nn.Module | None = None) -> str | None:
+        """Why it cannot compute `objective` for this model (and kd's reference) here, in one sentence; or None."""
+        if self.from_hidden:
+            why = unsupported(model) or (
+                unsupported(reference) if objective.uses_ref_distribution and reference is not None else None)
+            if why:
+                return (f"midtrain.loss_kernel: {self.name} cannot compute this model's logits in pieces: "
+                        f"{why}; set loss_kernel: eager (or auto, which picks it)")
+        return self.machine_refusal(objective)
+
+    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                unwrapped: torch.nn.Module | None = None) -> tuple[Any, torch.Tensor | Hidden]:
+        """The model's output and the head this kernel starts from, aligned to targets input_ids[:, 1:]."""
+        if not self.from_hidden:
+            out = model(input_ids=input_ids, attention_mask=attention_mask)
+            return out, out.logits[:, :-1]
+        out, states = forward_hidden(model, input_ids, attention_mask)
+        return out, hidden_of(unwrapped if unwrapped is not None else model, states[:, :-1])
+
+
+EAGER = Kernel("eager", _eager_parts, from_hidden=False)
+CHUNKED = Kernel("chunked", _chunked_parts)
+# asked for by name, fused has always trained through chunked; only auto trains fused
+FUSED = Kernel("fused", _fused_parts, logprob_form=True, machine_problem=_fused_machine_problem,
+               resolves_to="chunked")
+KERNELS: dict[str, Kernel] = {k.name: k for k in (CHUNKED, FUSED, EAGER)}
+LOSS_KERNELS = ("auto", *KERNELS)  # midtrain.loss_kernel's values
+AUTO_ORDER = (FUSED, CHUNKED, EAGER)  # auto takes the first that computes the objective itself and can run here
+
+
+def resolve(requested: str, objective: str | Objective, model: torch.nn.Module,
+            reference: torch.nn.Module | None = None) -> str:
+    """The kernel `requested` (midtrain.loss_kernel) means for this model and objective, or one clear error."""
+    if requested not in LOSS_KERNELS:
+        raise ValueError(f"loss_kernel must be one of {LOSS_KERNELS}, got {requested!r}")
+    objective = objective_named(objective)
+    if requested == "auto":
+        usable = (k for k in AUTO_ORDER if k.handles(objective) and not k.available(model, objective, reference))
+        return next(usable).name
+    kernel = KERNELS[requested]
+    why = kernel.available(model, objective, reference)
+    if why:
+        raise FlywheelError(why)
+    return kernel.resolves_to or kernel.name
+
+
+def check_machine(requested: str, objective: str | Objective) -> None:
+    """Refuse a kernel this machine cannot run (fused: no CUDA, no liger-kernel >= 0.8.2): before any work."""
+    kernel = KERNELS.get(requested)
+    problem = kernel.machine_refusal(objective_named(objective)) if kernel else None
+    if problem:
+        raise FlywheelError(problem)
+
+
 def objective_parts(
     kernel: str,
-    objective: str,
+    objective: str | Objective,
     head: torch.Tensor | Hidden,
     targets: torch.Tensor,
     mask: torch.Tensor,
@@ -238,51 +344,9 @@ def objective_parts(
 
     kd's reference comes as `ref_head` (its logits or its `Hidden`); remit and rho1 read `ref_logprobs`.
     """
-    kd = kd or {}
-
-    def on_chunk(z: torch.Tensor, rows: slice, cols: slice) -> LossParts:
-        t, m = targets[rows, cols], mask[rows, cols]
-        if objective == "ntp":
-            return objectives.ntp(z, t, m)
-        if objective == "remit":
-            docs = None if doc_ids is None else doc_ids[rows, cols]
-            return objectives.remit(z, t, m, ref_logprobs[rows, cols], epsilon, docs, centring, mapping)
-        if objective == "rho1":  # eager only: chunked rho1 selects over the whole batch below
-            return objectives.rho1(z, t, m, ref_logprobs, keep=rho1_keep)
-        with torch.no_grad():
-            ref_z = ref_head.logits(rows, cols) if isinstance(ref_head, Hidden) else ref_head[rows, cols]
-        return objectives.kd(z, t, m, ref_z, **kd)
-
-    if objective not in objectives.OBJECTIVES:
-        raise ValueError(f"objective must be one of {objectives.OBJECTIVES}, got {objective!r}")
-    if kernel == "eager":
-        return on_chunk(head, slice(None), slice(None))
-    if kernel == "fused" and objective != "kd":
-        logp = fused_logprobs(head, targets, mask)
-        if objective == "ntp":
-            return objectives.ntp_on_logprobs(logp)
-        if objective == "remit":
-            return objectives.remit_on_logprobs(logp, mask, ref_logprobs, epsilon, doc_ids, centring, mapping)
-        return objectives.rho1_on_logprobs(logp, mask, ref_logprobs, rho1_keep)
-    if objective == "kd":
-        objectives.check_kd_args(head.weight.shape[0], kd.get("temperature", 1.0), kd.get("alpha", 0.5),
-                                 kd.get("top_k"))
-    if objective != "rho1":
-        return chunked_parts(head, on_chunk, chunk_tokens, whole_rows=objective == "remit")
-
-    def nll(z: torch.Tensor, rows: slice, cols: slice) -> LossParts:
-        return objectives.ntp(z, targets[rows, cols], mask[rows, cols])
-
-    with torch.no_grad():  # pass 1: every token's log-prob, to pick the kept ones over the whole micro-batch
-        cur = chunked_parts(head, nll, chunk_tokens).token_logprobs
-    kept, excess = objectives.rho1_weights(cur, mask, ref_logprobs, rho1_keep)
-
-    def kept_nll(z: torch.Tensor, rows: slice, cols: slice) -> LossParts:
-        logp = objectives.token_logprobs(z, targets[rows, cols], mask[rows, cols])
-        return LossParts((kept[rows, cols] * -logp).sum(), logp.detach(), None, None)
-
-    parts = chunked_parts(head, kept_nll, chunk_tokens)
-    return LossParts(parts.loss_sum / rho1_keep, parts.token_logprobs, kept, excess)
+    objective = objective_named(objective)
+    ctx = LossContext(ref_logprobs, ref_head, doc_ids, epsilon, centring, mapping, rho1_keep, kd or {}, chunk_tokens)
+    return KERNELS[kernel].parts(objective, head, targets, mask, ctx)
 
 
 def token_logprobs_of(model: torch.nn.Module, input_ids: torch.Tensor, kernel: str = "auto",
@@ -294,9 +358,8 @@ def token_logprobs_of(model: torch.nn.Module, input_ids: torch.Tensor, kernel: s
     """
     targets = input_ids[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool)
-    if kernel == "eager" or unsupported(model):
-        logits = model(input_ids=input_ids).logits[:, :-1]
+    if kernel == EAGER.name or unsupported(model):
+        _, logits = EAGER.forward(model, input_ids)
         return objectives.token_logprobs(logits, targets, mask)
-    _, states = forward_hidden(model, input_ids)
-    head = hidden_of(model, states[:, :-1])
-    return objective_parts("chunked", "ntp", head, targets, mask, chunk_tokens=chunk_tokens).token_logprobs
+    _, head = CHUNKED.forward(model, input_ids)
+    return chunked_parts(head, _nll(targets, mask), chunk_tokens).token_logprobs

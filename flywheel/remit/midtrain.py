@@ -24,7 +24,7 @@ from typing import Any
 from flywheel.checkpoints import publish_trained, reuse_verified
 from flywheel.config import FlywheelConfig
 from flywheel.data.io import fingerprint, last_complete_checkpoint, write_json
-from flywheel.data.mixture import build_mixture
+from flywheel.data.mixture import PackedCorpus, build_mixture
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.launch import launch_kind
@@ -33,14 +33,14 @@ from flywheel.models import (
     load_model,
     load_tokenizer,
     model_identity,
-    resolve_model,
     tokenizer_identity,
 )
+from flywheel.refs import model_location
+from flywheel.remit.catalog import Objective, objective_named
 
 log = logging.getLogger("flywheel.midtrain")
 
 MIDTRAIN_VERSION = 1
-NEEDS_REFERENCE = ("remit", "kd", "rho1")
 LATER_FIELDS = {"centring": "mean", "mapping": "sigmoid"}  # midtrain fields added after MIDTRAIN_VERSION 1
 
 
@@ -109,9 +109,26 @@ def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corp
     for name, default in LATER_FIELDS.items():  # in the key only when set, so older anneals stay reusable
         if section.get(name) == default:
             section.pop(name)
-    ref_id = model_identity(ref_path) if ref_path and cfg.midtrain.objective in NEEDS_REFERENCE else None
+    ref_id = model_identity(ref_path) if ref_path and objective_named(cfg.midtrain.objective).needs_reference \
+        else None
     return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
                        cfg.model.dtype, _world_size())
+
+
+@dataclass
+class AnnealInputs:
+    """What the anneal reads, resolved and checked before any training."""
+
+    objective: Objective
+    base: str
+    reference: str | None  # as asked for (logged), whether or not the objective reads one
+    base_path: str
+    ref_path: str | None  # the resolved reference, only where the objective reads one
+    tokenizer: Any
+    corpus: PackedCorpus
+    packed: Any
+    cache: Any  # the scored reference (`ReferenceCache`) where the objective trains from it, else None
+    key: str
 
 
 def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None = None,
@@ -122,70 +139,103 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     `callbacks` are HF `TrainerCallback`s (progress reporting in flows, fault injection in tests).
     """
     import torch
-    from accelerate import PartialState
-    from transformers import default_data_collator
-
-    from flywheel.remit.diagnostics import Diagnostics
-    from flywheel.remit.kernels import check_machine
-    from flywheel.remit.scoring import score_reference
-    from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
-    from flywheel.remit.weights import describe
 
     t0 = time.perf_counter()
     if not torch.cuda.is_available():
         keep_freed_memory()  # large activations reused, not page-faulted in every step (flywheel/env.py)
+    inputs = anneal_inputs(cfg, base or cfg.model.source, reference or cfg.midtrain.reference)
+    run_dir = run_dir or cfg.home / "runs" / cfg.name / f"midtrain-{inputs.key}"
+    finished = _finished(run_dir, inputs.key)
+    if finished is not None:
+        return finished
+    global_batch, steps = _schedule(cfg)
+    trainer = _trainer(cfg, inputs, run_dir, steps, logging_steps or max(1, steps // 20), callbacks)
+    resume = last_complete_checkpoint(Path(trainer.args.output_dir))
+    trainer.train(resume_from_checkpoint=resume)  # raises NonFiniteError / Preempted: nothing is published
+    trainer.check_weights_finite("the mid-trained weights")  # on every rank, before rank 0 publishes
+    result = MidtrainResult(run_dir / "model", run_dir, inputs.key, resumed_from=resume)
+    if trainer.is_world_process_zero():
+        result.metrics = _metrics(cfg, inputs, trainer, resume, global_batch, steps)
+        result.html = _weight_page(cfg, inputs.objective, trainer.diagnostics, run_dir, result.metrics)
+    _publish(inputs, trainer, result)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def anneal_inputs(cfg: FlywheelConfig, base: str, reference: str | None) -> AnnealInputs:
+    """Check what the anneal needs before any work, then resolve it: models, tokenizer, mixture, cache, key."""
+    from flywheel.models import check_midtrain_models
+    from flywheel.remit.kernels import check_machine
+    from flywheel.remit.scoring import score_reference
+
     mt = cfg.midtrain
-    base = base or cfg.model.source
-    reference = reference or mt.reference
-    if mt.objective in NEEDS_REFERENCE and reference is None:
+    objective = objective_named(mt.objective)
+    if objective.needs_reference and reference is None:
         raise FlywheelError(
             f"midtrain.reference: objective '{mt.objective}' needs a reference model; set midtrain.reference "
             "(a local folder or hub id), or run a flywheel round so the registry supplies it"
         )
-    check_machine(mt.loss_kernel, mt.objective)  # a fused kernel this machine cannot run: before any scoring
-    base_path = resolve_model(cfg, base)
-    from flywheel.models import check_midtrain_models
-
+    check_machine(mt.loss_kernel, objective)  # a fused kernel this machine cannot run: before any scoring
+    base_path = model_location(cfg, base)
+    guide = reference if objective.needs_reference else None
     # a folder that is not a model, or a seq_len longer than its positions: one sentence, before any work
-    check_midtrain_models(cfg, base, reference if mt.objective in NEEDS_REFERENCE else None)
+    check_midtrain_models(cfg, base, guide)
     tok = load_tokenizer(cfg, cfg.model.tokenizer or base)
-    ref_path = resolve_model(cfg, reference) if reference and mt.objective in NEEDS_REFERENCE else None
+    ref_path = model_location(cfg, guide) if guide else None
     if ref_path:
         check_same_vocabulary(tok, load_tokenizer(cfg, reference), base, reference)
 
     # rank 0 builds the mixture while the others wait for it; then every rank scores its own chunks
     corpus = build_mixture(cfg, tok, tokenizer_identity(tok))
-    cache = None
-    if mt.objective in ("remit", "rho1") and mt.reference_mode == "cached":
-        cache = score_reference(cfg, reference).cache
+    cache = score_reference(cfg, reference).cache if objective.reads_cache(mt.reference_mode) else None
     packed = corpus.load()
-
     key = midtrain_key(cfg, base_path, ref_path, corpus.key)
-    run_dir = run_dir or cfg.home / "runs" / cfg.name / f"midtrain-{key}"
+    return AnnealInputs(objective, base, reference, base_path, ref_path, tok, corpus, packed, cache, key)
+
+
+def _finished(run_dir: Path, key: str) -> MidtrainResult | None:
+    """The result of an earlier run with the same key, if its model verifies against its manifest."""
+    import torch
+    from accelerate import PartialState
+
     final = run_dir / "model"
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # rank 0 verifies (and removes a bad folder) before the others look
         reuse = reuse_verified(final, log) if state.is_main_process else final.exists()
-    if reuse:
-        metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
-        html = run_dir / "remit-weights.html"
-        return MidtrainResult(final, run_dir, key, reused=True, metrics=metrics, html=html if html.exists() else None)
+    if not reuse:
+        return None
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    html = run_dir / "remit-weights.html"
+    return MidtrainResult(final, run_dir, key, reused=True, metrics=metrics, html=html if html.exists() else None)
 
+
+def _schedule(cfg: FlywheelConfig) -> tuple[int, int]:
+    """(global batch in rows, optimizer steps) that spend `midtrain.token_budget`."""
+    mt = cfg.midtrain
     global_batch = mt.batch_size * mt.grad_accum * _world_size()
-    steps = max(1, math.ceil(mt.token_budget / (global_batch * mt.seq_len)))
-    model = load_model(cfg, base)
-    reference_model = None
-    if mt.objective == "kd" or (mt.objective in ("remit", "rho1") and mt.reference_mode == "online"):
-        reference_model = load_model(cfg, reference, for_training=False)
-    diagnostics = Diagnostics(tok, model.config.vocab_size) if mt.objective in ("remit", "rho1") else None
+    return global_batch, max(1, math.ceil(mt.token_budget / (global_batch * mt.seq_len)))
 
-    args = training_arguments(cfg, run_dir / "checkpoints", steps, logging_steps or max(1, steps // 20))
-    trainer = ReMiTTrainer(
+
+def _trainer(cfg: FlywheelConfig, inputs: AnnealInputs, run_dir: Path, steps: int, logging_steps: int,
+             callbacks: list | None) -> Any:
+    """The model, the reference where it runs beside it, the weight diagnostics and the data, as one Trainer."""
+    from transformers import default_data_collator
+
+    from flywheel.remit.diagnostics import Diagnostics
+    from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
+
+    mt, objective = cfg.midtrain, inputs.objective
+    model = load_model(cfg, inputs.base)
+    reference_model = None
+    if objective.loads_reference(mt.reference_mode):
+        reference_model = load_model(cfg, inputs.reference, for_training=False)
+    diagnostics = Diagnostics(inputs.tokenizer, model.config.vocab_size) if objective.token_weights else None
+    return ReMiTTrainer(
         model=model,
-        args=args,
-        train_dataset=PackedDataset(packed, cache),
+        args=training_arguments(cfg, run_dir / "checkpoints", steps, logging_steps),
+        train_dataset=PackedDataset(inputs.packed, inputs.cache),
         data_collator=default_data_collator,
-        processing_class=tok,
+        processing_class=inputs.tokenizer,
         objective=mt.objective,
         epsilon=mt.epsilon,
         centring=mt.centring,
@@ -206,29 +256,39 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
         checkpoint_minutes=mt.checkpoint_minutes,
         failpoint="midtrain-checkpoint",
     )
-    resume = last_complete_checkpoint(Path(args.output_dir))
-    trainer.train(resume_from_checkpoint=resume)  # raises NonFiniteError / Preempted: nothing is published
-    trainer.check_weights_finite("the mid-trained weights")  # on every rank, before rank 0 publishes
 
-    result = MidtrainResult(final, run_dir, key, resumed_from=resume)
-    if trainer.is_world_process_zero():
-        history = trainer.state.log_history
-        result.metrics = {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": history,
-                          "objective": mt.objective, "base": base, "reference": reference,
-                          "corpus": corpus.key, "resumed_from": resume, "world_size": _world_size(),
-                          "launch": launch_kind(), "global_batch": global_batch,
-                          "loss_kernel": trainer.loss_kernel}
-        if diagnostics is not None:
-            rule = describe(mt.epsilon, mt.centring, mt.mapping) if mt.objective == "remit" else "rho1 selection"
-            result.metrics["weight_rule"] = rule
-            result.html = diagnostics.write_html(run_dir / "remit-weights.html",
-                                                 f"{cfg.name}: {mt.objective} token weights, {rule}", mt.epsilon)
+
+def _metrics(cfg: FlywheelConfig, inputs: AnnealInputs, trainer: Any, resume: str | None, global_batch: int,
+             steps: int) -> dict:
+    """What the anneal did, for metrics.json and the tracker (rank 0)."""
+    mt = cfg.midtrain
+    return {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": trainer.state.log_history,
+            "objective": mt.objective, "base": inputs.base, "reference": inputs.reference,
+            "corpus": inputs.corpus.key, "resumed_from": resume, "world_size": _world_size(),
+            "launch": launch_kind(), "global_batch": global_batch, "loss_kernel": trainer.loss_kernel}
+
+
+def _weight_page(cfg: FlywheelConfig, objective: Objective, diagnostics: Any, run_dir: Path,
+                 metrics: dict) -> Path | None:
+    """The token-weight page of an objective that weighs tokens; its rule goes into `metrics`."""
+    if diagnostics is None:
+        return None
+    from flywheel.remit.weights import describe
+
+    mt = cfg.midtrain
+    rule = describe(mt.epsilon, mt.centring, mt.mapping) if objective.follows_weight_settings \
+        else objective.weight_rule
+    metrics["weight_rule"] = rule
+    return diagnostics.write_html(run_dir / "remit-weights.html", f"{cfg.name}: {mt.objective} token weights, {rule}",
+                                  mt.epsilon)
+
+
+def _publish(inputs: AnnealInputs, trainer: Any, result: MidtrainResult) -> None:
+    """Write the model folder with its manifest (every rank: FSDP gathers here), then metrics.json (rank 0)."""
     record = {k: v for k, v in result.metrics.items() if k != "log_history"} | {
-        "key": key, "fsdp": bool(trainer.is_fsdp_enabled)}
-    publish_trained(trainer, tok, final, "flywheel-midtrain.json", record)  # every rank: FSDP gathers here
+        "key": inputs.key, "fsdp": bool(trainer.is_fsdp_enabled)}
+    publish_trained(trainer, inputs.tokenizer, result.checkpoint, "flywheel-midtrain.json", record)
     if trainer.is_world_process_zero():
-        write_json(run_dir / "metrics.json", result.metrics)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        write_json(result.run_dir / "metrics.json", result.metrics)
+        shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    result.seconds = time.perf_counter() - t0
-    return result

@@ -7,20 +7,26 @@ the (global) batch, so micro-batches and ranks add up to one mean.
 ntp, remit and rho1 are functions of the per-token log-probs alone (`*_on_logprobs`): the eager path gets
 them from the logits here, the chunked and fused loss kernels (flywheel/remit/kernels.py) from the hidden
 states without ever holding the (B, T, V) logits. So the formulas live here once, whichever kernel runs.
+`LOSSES` hands them to the kernels, one `Loss` per entry of the objective table (catalog.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from flywheel.remit.catalog import NAMES, Objective
 from flywheel.remit.weights import logprob_delta, remit_weights
 
-OBJECTIVES = ("ntp", "remit", "kd", "rho1")
+OBJECTIVES = NAMES  # the objective names, in the table's order (catalog.py)
 IGNORE_INDEX = -100
+Span = tuple[slice, slice]  # (rows, cols): the positions one chunk of a loss covers
+WHOLE: Span = (slice(None), slice(None))
 
 
 @dataclass
@@ -130,7 +136,7 @@ def rho1(
 
 
 def check_kd_args(vocab: int, temperature: float, alpha: float, top_k: int | None) -> None:
-    """The KD settings' ranges, checked before any tensor work (also by the chunked kernel)."""
+    """The KD settings' ranges, checked by `kd` before it computes anything."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0 <= alpha <= 1:
@@ -169,3 +175,78 @@ def kd(
     per_token = alpha * temperature**2 * kl - (1 - alpha) * logp
     loss_sum = torch.where(mask, per_token, 0.0).sum()
     return LossParts(loss_sum=loss_sum, token_logprobs=logp.detach(), weights=None, delta=None)
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What an objective reads beside the model's own predictions, with its settings; (B, T) tensors."""
+
+    ref_logprobs: torch.Tensor | None = None  # the reference's log p(target) (remit, rho1)
+    ref_head: Any = None  # the reference's logits, or a kernels.Hidden that makes them chunk by chunk (kd)
+    doc_ids: torch.Tensor | None = None  # packed documents: remit centres each on its own
+    epsilon: float | None = 0.2
+    centring: str = "mean"
+    mapping: str = "sigmoid"
+    rho1_keep: float = 0.8
+    kd: dict = field(default_factory=dict)  # temperature, alpha, top_k
+    chunk_tokens: int = 2048  # the chunked kernel's tokens per output-layer chunk
+
+    def ref_logits(self, span: Span) -> torch.Tensor:
+        """The reference's logits at `span`, without grad."""
+        with torch.no_grad():
+            if isinstance(self.ref_head, torch.Tensor):
+                return self.ref_head[span]
+            return self.ref_head.logits(*span)
+
+    def docs(self, span: Span) -> torch.Tensor | None:
+        return None if self.doc_ids is None else self.doc_ids[span]
+
+
+@dataclass
+class Selection:
+    """A second-pass objective's choice over the whole micro-batch: weights, what they came from, the divisor."""
+
+    weights: torch.Tensor
+    delta: torch.Tensor
+    divisor: float = 1.0
+
+
+OnLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossContext, Span], LossParts]
+OnLogprobs = Callable[[torch.Tensor, torch.Tensor, LossContext], LossParts]
+Select = Callable[[torch.Tensor, torch.Tensor, LossContext], Selection]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One objective's formulas in the forms the loss kernels call."""
+
+    on_logits: OnLogits  # (logits, targets, mask) of the positions `span`, which are whole rows where it asks
+    on_logprobs: OnLogprobs | None = None  # from log p(target) WITH grad, (B, T): what the fused kernel gives
+    select: Select | None = None  # a second pass's token choice from every token's detached log-prob
+
+
+def _rho1_select(cur: torch.Tensor, mask: torch.Tensor, ctx: LossContext) -> Selection:
+    kept, excess = rho1_weights(cur, mask, ctx.ref_logprobs, ctx.rho1_keep)
+    return Selection(kept, excess, ctx.rho1_keep)
+
+
+LOSSES: dict[str, Loss] = {
+    "ntp": Loss(
+        on_logits=lambda z, t, m, ctx, span: ntp(z, t, m),
+        on_logprobs=lambda logp, mask, ctx: ntp_on_logprobs(logp)),
+    "remit": Loss(
+        on_logits=lambda z, t, m, ctx, span: remit(z, t, m, ctx.ref_logprobs[span], ctx.epsilon, ctx.docs(span),
+                                                   ctx.centring, ctx.mapping),
+        on_logprobs=lambda logp, mask, ctx: remit_on_logprobs(logp, mask, ctx.ref_logprobs, ctx.epsilon,
+                                                              ctx.doc_ids, ctx.centring, ctx.mapping)),
+    "kd": Loss(on_logits=lambda z, t, m, ctx, span: kd(z, t, m, ctx.ref_logits(span), **ctx.kd)),
+    "rho1": Loss(
+        on_logits=lambda z, t, m, ctx, span: rho1(z, t, m, ctx.ref_logprobs[span], keep=ctx.rho1_keep),
+        on_logprobs=lambda logp, mask, ctx: rho1_on_logprobs(logp, mask, ctx.ref_logprobs, ctx.rho1_keep),
+        select=_rho1_select),
+}
+
+
+def loss_of(objective: Objective) -> Loss:
+    """The formulas of a catalog entry."""
+    return LOSSES[objective.name]

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,9 @@ from flywheel.models import (
     load_model,
     load_tokenizer,
     model_identity,
-    resolve_model,
     tokenizer_identity,
 )
+from flywheel.refs import model_location
 
 SCORE_VERSION = 1
 CHUNK_TOKENS = 1 << 20
@@ -164,6 +165,41 @@ def _chunk_done(path: Path, rows: int, seq_len: int) -> bool:
         return False
 
 
+@dataclass
+class _Scoring:
+    """One scoring job: the packed corpus, its cache key and folders, and how it is cut into chunks."""
+
+    key: str
+    ref_path: str
+    tok_id: str
+    corpus: PackedCorpus
+    packed: Any
+    final: Path
+    seq_len: int
+    rows_per_chunk: int
+
+    @property
+    def partial(self) -> Path:
+        return self.final.with_name(f"{self.key}.partial")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.packed) // self.rows_per_chunk)
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        return c * self.rows_per_chunk, min(len(self.packed), (c + 1) * self.rows_per_chunk)
+
+    def chunk(self, c: int) -> Path:
+        return self.partial / f"chunk-{c:05d}.npy"
+
+    def done(self, c: int) -> bool:
+        lo, hi = self.bounds(c)
+        return _chunk_done(self.chunk(c), hi - lo, self.seq_len)
+
+    def cache(self, verify: bool = True) -> ReferenceCache:
+        return open_cache(self.final, self.key, len(self.packed), self.seq_len, verify=verify)
+
+
 def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHUNK_TOKENS) -> ScoreReport:
     """Score the packed mixture with the reference once; reuse a finished cache, resume a partial one.
 
@@ -177,81 +213,90 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
     t0 = time.perf_counter()
     if not torch.cuda.is_available():
         keep_freed_memory()  # flat time per row at any scoring batch (flywheel/env.py)
+    job = _scoring_job(cfg, reference, chunk_tokens)
+    if (job.final / "index.json").exists():
+        return ScoreReport(job.cache(), job.corpus, [], time.perf_counter() - t0, None)
+
+    job.partial.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank()
+    computed, tps = _score_chunks(cfg, reference, job, range(rank, job.n_chunks, world))
+    if rank != 0:
+        wait_until("rank 0 to write the reference cache's index",
+                   lambda: [] if (job.final / "index.json").exists() else ["index.json"])
+    else:
+        _write_index(cfg, reference, job, others=set(range(job.n_chunks)) - set(range(0, job.n_chunks, world)))
+    return ScoreReport(job.cache(verify=False), job.corpus, computed, time.perf_counter() - t0, tps)
+
+
+def _scoring_job(cfg: FlywheelConfig, reference: str, chunk_tokens: int) -> _Scoring:
+    """The tokenizer checked against the reference's, the packed mixture, and the cache's key and folder."""
     tok = load_tokenizer(cfg)
-    ref_path = resolve_model(cfg, reference)
+    ref_path = model_location(cfg, reference)
     check_same_vocabulary(tok, load_tokenizer(cfg, reference), cfg.model.source, reference)
     tok_id = tokenizer_identity(tok)
     corpus = build_mixture(cfg, tok, tok_id)
     packed = corpus.load()
     mt = cfg.midtrain
     key = cache_key(cfg, ref_path, tok_id, corpus.key)
-    root = cfg.home / "cache" / "reference"
-    final = root / key
-    if (final / "index.json").exists():
-        cache = open_cache(final, key, len(packed), mt.seq_len)
-        return ScoreReport(cache, corpus, [], time.perf_counter() - t0, None)
+    return _Scoring(key, ref_path, tok_id, corpus, packed, cfg.home / "cache" / "reference" / key, mt.seq_len,
+                    max(1, chunk_tokens // mt.seq_len))
 
-    partial = root / f"{key}.partial"
-    partial.mkdir(parents=True, exist_ok=True)
-    rank, world = distributed_rank()
-    rows_per_chunk = max(1, chunk_tokens // mt.seq_len)
-    n_chunks = -(-len(packed) // rows_per_chunk)
-    store = getattr(np, mt.cache_dtype)
+
+def _score_chunks(cfg: FlywheelConfig, reference: str, job: _Scoring, mine: range) -> tuple[list[int], float | None]:
+    """Score this rank's chunks that are not on disk yet, each published whole; (chunks scored, tokens/s)."""
+    import torch
+
     # each rank scores on its own GPU (LOCAL_RANK, as torchrun / accelerate set it), else on the CPU
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if torch.cuda.is_available() \
         else torch.device("cpu")
     model = None
     computed, scored_tokens, scoring_time = [], 0, 0.0
-
-    def bounds(c: int) -> tuple[int, int]:
-        return c * rows_per_chunk, min(len(packed), (c + 1) * rows_per_chunk)
-
-    for c in range(rank, n_chunks, world):
-        lo, hi = bounds(c)
-        path = partial / f"chunk-{c:05d}.npy"
-        if _chunk_done(path, hi - lo, mt.seq_len):
+    for c in mine:
+        if job.done(c):
             continue  # finished before an interruption
         if model is None:
             model = load_model(cfg, reference, for_training=False).to(device)
         t1 = time.perf_counter()
-        out = np.empty((hi - lo, mt.seq_len), dtype=store)
-        with torch.inference_mode():
-            for b in range(lo, hi, mt.score_batch_size):
-                ids = torch.from_numpy(np.asarray(packed.input_ids[b : min(hi, b + mt.score_batch_size)], dtype=np.int64))
-                lp = reference_logprobs(model, ids.to(device), mt.loss_kernel, mt.loss_chunk_tokens)
-                lp = lp.clamp_(min=-FP16_MAX).cpu()
-                out[b - lo : b - lo + len(ids)] = lp.numpy().astype(store)
+        out = _score_rows(cfg, model, job.packed, *job.bounds(c), device)
         scoring_time += time.perf_counter() - t1
         scored_tokens += out.size
-        with tempfile.NamedTemporaryFile(dir=partial, suffix=".tmp", delete=False) as f:
+        with tempfile.NamedTemporaryFile(dir=job.partial, suffix=".tmp", delete=False) as f:
             np.save(f, out)
-        publish(f.name, path)
+        publish(f.name, job.chunk(c))
         computed.append(c)
         failpoint("score-reference-chunk")  # crash tests: a kill here must lose no finished chunk
-    tps = scored_tokens / scoring_time if scoring_time else None
-    if rank != 0:
-        wait_until("rank 0 to write the reference cache's index",
-                  lambda: [] if (final / "index.json").exists() else ["index.json"])
-        return ScoreReport(open_cache(final, key, len(packed), mt.seq_len, verify=False), corpus, computed,
-                           time.perf_counter() - t0, tps)
-    waiting = set(range(n_chunks)) - set(range(0, n_chunks, world))  # rank 0's own are written
+    return computed, (scored_tokens / scoring_time if scoring_time else None)
 
+
+def _score_rows(cfg: FlywheelConfig, model, packed, lo: int, hi: int, device) -> np.ndarray:  # noqa: ANN001
+    """The reference's log-probs of packed rows [lo, hi), in `midtrain.cache_dtype`."""
+    import torch
+
+    mt = cfg.midtrain
+    store = getattr(np, mt.cache_dtype)
+    out = np.empty((hi - lo, mt.seq_len), dtype=store)
+    with torch.inference_mode():
+        for b in range(lo, hi, mt.score_batch_size):
+            ids = torch.from_numpy(np.asarray(packed.input_ids[b : min(hi, b + mt.score_batch_size)], dtype=np.int64))
+            lp = reference_logprobs(model, ids.to(device), mt.loss_kernel, mt.loss_chunk_tokens)
+            lp = lp.clamp_(min=-FP16_MAX).cpu()
+            out[b - lo : b - lo + len(ids)] = lp.numpy().astype(store)
+    return out
+
+
+def _write_index(cfg: FlywheelConfig, reference: str, job: _Scoring, others: set[int]) -> None:
+    """Rank 0: wait for the other ranks' chunks, write the index with every chunk's checksum, publish the folder."""
     def missing() -> list[str]:  # each poll looks only at the chunks not yet seen complete
-        waiting.difference_update([c for c in sorted(waiting) if _chunk_done(
-            partial / f"chunk-{c:05d}.npy", bounds(c)[1] - bounds(c)[0], mt.seq_len)])
-        return [f"chunk-{c:05d}" for c in sorted(waiting)]
+        others.difference_update([c for c in sorted(others) if job.done(c)])
+        return [f"chunk-{c:05d}" for c in sorted(others)]
 
     wait_until("the other ranks' reference chunks", missing)
-    chunks = [
-        {"file": f"chunk-{c:05d}.npy", "rows": min(len(packed), (c + 1) * rows_per_chunk) - c * rows_per_chunk,
-         "sha256": _sha256(partial / f"chunk-{c:05d}.npy")}
-        for c in range(n_chunks)
-    ]
-    write_json(partial / "index.json", {
-        "key": key, "rows": len(packed), "seq_len": mt.seq_len, "dtype": mt.cache_dtype,
-        "rows_per_chunk": rows_per_chunk, "chunks": chunks, "reference": reference,
-        "reference_identity": model_identity(ref_path), "corpus": corpus.key, "tokenizer": tok_id,
+    chunks = [{"file": job.chunk(c).name, "rows": job.bounds(c)[1] - job.bounds(c)[0], "sha256": _sha256(job.chunk(c))}
+              for c in range(job.n_chunks)]
+    mt = cfg.midtrain
+    write_json(job.partial / "index.json", {
+        "key": job.key, "rows": len(job.packed), "seq_len": mt.seq_len, "dtype": mt.cache_dtype,
+        "rows_per_chunk": job.rows_per_chunk, "chunks": chunks, "reference": reference,
+        "reference_identity": model_identity(job.ref_path), "corpus": job.corpus.key, "tokenizer": job.tok_id,
     })
-    os.replace(partial, final)
-    cache = open_cache(final, key, len(packed), mt.seq_len, verify=False)
-    return ScoreReport(cache, corpus, computed, time.perf_counter() - t0, tps)
+    os.replace(job.partial, job.final)

@@ -18,8 +18,10 @@ import torch
 from transformers import Trainer
 
 from flywheel.data.packing import Packed
-from flywheel.remit import kernels, objectives
+from flywheel.remit import kernels
+from flywheel.remit.catalog import objective_named
 from flywheel.remit.diagnostics import Diagnostics
+from flywheel.remit.objectives import LossContext
 from flywheel.remit.scoring import ReferenceCache, reference_logprobs
 from flywheel.safety import TrainingSafety
 
@@ -68,8 +70,7 @@ class ReMiTTrainer(TrainingSafety, Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        if objective not in objectives.OBJECTIVES:
-            raise ValueError(f"objective must be one of {objectives.OBJECTIVES}")
+        self.spec = objective_named(objective)  # the catalog entry: what the objective reads and logs
         self.objective = objective
         self.epsilon = epsilon
         self.centring, self.mapping = centring, mapping
@@ -95,41 +96,38 @@ class ReMiTTrainer(TrainingSafety, Trainer):
             return reference_logprobs(self.reference_model, inputs["input_ids"], self.loss_kernel,
                                       self.loss_chunk_tokens)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        input_ids, labels = inputs["input_ids"], inputs["labels"]
-        targets = labels[:, 1:]
-        mask = targets != -100
-        doc_ids = inputs["doc_ids"][:, 1:] if "doc_ids" in inputs else None
-        if self.loss_kernel == "eager":  # the (B, T, V) logits; the other kernels start from the hidden states
-            out = model(input_ids=input_ids, attention_mask=inputs.get("attention_mask"))
-            head = out.logits[:, :-1]
-        else:
-            out, states = kernels.forward_hidden(model, input_ids, inputs.get("attention_mask"))
-            head = kernels.hidden_of(self.accelerator.unwrap_model(model), states[:, :-1])
+    def _reference_head(self, input_ids: torch.Tensor) -> torch.Tensor | kernels.Hidden:
+        """The reference's logits (eager) or its `Hidden`, for an objective that reads its whole distribution."""
+        if self.reference_model is None:
+            raise RuntimeError(f"{self.spec.name} needs an online reference model")
+        with torch.no_grad():
+            return kernels.KERNELS[self.loss_kernel].forward(self.reference_model, input_ids)[1]
 
+    def _loss_context(self, inputs: dict[str, torch.Tensor]) -> LossContext:
+        """What the objective reads beside the model (the reference, the documents) and its settings."""
         ref_logprobs = ref_head = None
-        if self.objective in ("remit", "rho1"):
+        if self.spec.uses_ref_logprobs:
             ref_logprobs = self._reference_logprobs(inputs)[:, 1:]
-        elif self.objective == "kd":  # kd needs the reference's whole distribution: online only (config enforces)
-            if self.reference_model is None:
-                raise RuntimeError("kd needs an online reference model")
-            with torch.no_grad():
-                if self.loss_kernel == "eager":
-                    ref_head = self.reference_model(input_ids=input_ids).logits[:, :-1]
-                else:
-                    _, ref_states = kernels.forward_hidden(self.reference_model, input_ids)
-                    ref_head = kernels.hidden_of(self.reference_model, ref_states[:, :-1])
-        parts = kernels.objective_parts(
-            self.loss_kernel, self.objective, head, targets, mask, ref_logprobs=ref_logprobs, ref_head=ref_head,
-            doc_ids=doc_ids, epsilon=self.epsilon, centring=self.centring, mapping=self.mapping, rho1_keep=self.rho1_keep, kd=self.kd,
-            chunk_tokens=self.loss_chunk_tokens)
+        elif self.spec.uses_ref_distribution:  # online only (the config enforces it)
+            ref_head = self._reference_head(inputs["input_ids"])
+        doc_ids = inputs["doc_ids"][:, 1:] if "doc_ids" in inputs else None
+        return LossContext(ref_logprobs, ref_head, doc_ids, self.epsilon, self.centring, self.mapping,
+                           self.rho1_keep, self.kd, self.loss_chunk_tokens)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        targets = inputs["labels"][:, 1:]
+        mask = targets != -100
+        kernel = kernels.KERNELS[self.loss_kernel]
+        out, head = kernel.forward(model, inputs["input_ids"], inputs.get("attention_mask"),
+                                   unwrapped=self.accelerator.unwrap_model(model) if kernel.from_hidden else None)
+        parts = kernel.parts(self.spec, head, targets, mask, self._loss_context(inputs))
 
         count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         loss = parts.loss_sum / count
         if self.accelerator.num_processes > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it to get the global mean
         if self.diagnostics is not None and model.training:
-            self.diagnostics.update(targets, mask, parts, self.epsilon if self.objective == "remit" else None)
+            self.diagnostics.update(targets, mask, parts, self.epsilon if self.spec.follows_weight_settings else None)
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

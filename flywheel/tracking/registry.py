@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -345,20 +345,40 @@ def _guard_problem(guard: Any, metrics: dict[str, float], current: Any, prev: st
 # --- reading the state -------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundPlan:
-    """What the next round does, derived from the registry alone."""
+    """What a round does: its number, reference and base, read from the registry; and how planning ended.
+
+    `finished`: the round was decided already (`rl_version` is its RL model); `resumed`: the round was
+    started before and is re-entered with the plan it recorded then. The plan stays this object from
+    planning to the promotion; `to_json` / `from_json` are for the boundaries (a launched job's input file,
+    a round's result).
+    """
 
     round: int
-    reference_version: str | None
-    reference_path: Path | None
-    base: str
-    base_version: str | None
+    reference_version: str | None = None
+    reference_path: Path | None = None
+    base: str | None = None
+    base_version: str | None = None
+    finished: bool = False
+    resumed: bool = False
+    rl_version: str | None = None
 
     @property
     def objective_note(self) -> str:
         return "NTP (round 0: no reference yet)" if self.reference_version is None else \
             f"ReMiT guided by {self.reference_version}"
+
+    def to_json(self) -> dict[str, Any]:
+        path = self.reference_path
+        return {**asdict(self), "reference_path": str(path) if path is not None else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundPlan:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        path = values.get("reference_path")
+        return cls(**{**values, "reference_path": Path(path) if path else None})
 
 
 def rl_versions(tracker: Tracker) -> list[Any]:

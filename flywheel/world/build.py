@@ -20,33 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.checkpoints import reuse_verified, write_manifest
-from flywheel.config import WORLD_SIZES, FlywheelConfig, WorldConfig
-from flywheel.data.io import atomic_dir, fingerprint, read_jsonl, write_json
-from flywheel.errors import FlywheelError
+from flywheel.config import FlywheelConfig
+from flywheel.data.io import atomic_dir, read_jsonl, write_json
+
+# The world's address book lives in flywheel/refs.py (the layers below the round resolve world: there);
+# these names stay importable from here.
+from flywheel.refs import WORLD_VERSION, WorldPaths, world_data_fields, world_paths, world_train_fields
+from flywheel.refs import resolve_world_ref as resolve_world_ref
+from flywheel.refs import world_size as world_size
 
 log = logging.getLogger("flywheel.world")
-
-WORLD_VERSION = 1  # bump when the generator or the corpora change meaning
-
-
-@dataclass
-class WorldPaths:
-    """Where one world (seed + settings) and one base size of it live."""
-
-    root: Path
-    size: str
-    base: Path
-
-    @property
-    def corpora(self) -> Path:
-        return self.root / "corpora"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    def corpus(self, name: str) -> Path:
-        return self.corpora / f"{name}.jsonl"
 
 
 @dataclass
@@ -61,40 +44,6 @@ class BuildReport:
     seconds: float = 0.0
     ladder: dict[int, float] = field(default_factory=dict)
     heldout_loss: float | None = None
-
-
-def _data_fields(w: WorldConfig) -> dict:
-    return w.model_dump(include={"pretrain_docs", "midtrain_docs", "sft_pairs", "dpo_pairs", "rl_prompts",
-                                 "eval_per_level"})
-
-
-def _train_fields(w: WorldConfig) -> dict:
-    return w.model_dump(include={"pretrain_tokens", "pretrain_lr", "pretrain_batch_size", "seq_len"})
-
-
-def world_paths(cfg: FlywheelConfig, size: str | None = None) -> WorldPaths:
-    """Resolve a config's world folders without building anything."""
-    size = size or world_size(cfg)
-    data_key = fingerprint(WORLD_VERSION, cfg.seed, _data_fields(cfg.world))
-    root = cfg.home / "world" / f"s{cfg.seed}-{data_key}"
-    base_key = fingerprint(WORLD_VERSION, cfg.seed, size, _train_fields(cfg.world))
-    return WorldPaths(root=root, size=size, base=root / f"base-{size}-{base_key}")
-
-
-def world_size(cfg: FlywheelConfig) -> str:
-    """The size named by `model.source: world:<size>` (nano when the base is not from the world)."""
-    src = cfg.model.source
-    return src.removeprefix("world:") if src.startswith("world:") else "nano"
-
-
-def resolve_world_ref(cfg: FlywheelConfig, ref: str) -> Path:
-    """Turn `world:<size>` or `world:<corpus>` into the built path, or say to build the world first."""
-    name = ref.removeprefix("world:")
-    paths = world_paths(cfg, name if name in WORLD_SIZES else None)
-    target = paths.base if name in WORLD_SIZES else paths.corpus(name)
-    if not target.exists():
-        raise FlywheelError(f"{ref}: the tiny world is not built at {paths.root}; run `flywheel world build CONFIG` first")
-    return target
 
 
 def _pretrain(paths: WorldPaths, cfg: FlywheelConfig, out: Path) -> tuple[int, float]:
@@ -182,7 +131,7 @@ def build_world(cfg: FlywheelConfig, size: str | None = None, ladder: bool = Tru
             texts += [r["prompt"] + "\n" + r["completion"] for r in read_jsonl(tmp / "corpora" / "sft.jsonl")]
             save_tokenizer(train_tokenizer(texts, max_length=max(512, cfg.world.seq_len)), tmp / "tokenizer")
             write_json(tmp / "world.json", {"version": WORLD_VERSION, "seed": cfg.seed, "counts": counts,
-                                            "settings": _data_fields(cfg.world)})
+                                            "settings": world_data_fields(cfg.world)})
     counts = json.loads((paths.root / "world.json").read_text())["counts"]
 
     reused_base = reuse_verified(paths.base, log)  # a truncated or hand-edited base is rebuilt, not trained on
@@ -191,7 +140,7 @@ def build_world(cfg: FlywheelConfig, size: str | None = None, ladder: bool = Tru
         with atomic_dir(paths.base) as tmp:
             params, train_loss = _pretrain(paths, cfg, tmp)
             write_json(tmp / "flywheel-base.json", {"size": paths.size, "seed": cfg.seed, "train_loss": train_loss,
-                                                    "settings": _train_fields(cfg.world), "params": params})
+                                                    "settings": world_train_fields(cfg.world), "params": params})
             write_manifest(tmp)  # last: reuse verifies against it
     report = BuildReport(paths, reused_corpora, reused_base, counts)
     report.params = json.loads((paths.base / "flywheel-base.json").read_text())["params"]

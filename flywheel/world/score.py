@@ -12,16 +12,7 @@ from typing import Any
 
 import torch
 
-from flywheel.world.answers import is_correct
-
-
-def first_answer(completion: str) -> str:
-    """Cut a completion after its first `####` line, so a model that rambles on is scored on what it answered."""
-    at = completion.find("####")
-    if at < 0:
-        return completion
-    end = completion.find("\n", at)
-    return completion if end < 0 else completion[:end]
+from flywheel.answers import first_answer, is_correct
 
 
 @torch.inference_mode()

@@ -12,8 +12,7 @@ from typing import Any
 
 import datasets
 
-from flywheel.world.answers import is_correct
-from flywheel.world.score import first_answer
+from flywheel.answers import first_answer, is_correct
 
 HERE = Path(__file__).resolve().parent
 SPLITS = {"test": "world_eval.jsonl", "fewshot": "world_fewshot.jsonl"}

@@ -1,0 +1,129 @@
+"""What the CLI prints: each command's result as rich tables and lines, apart from the commands themselves.
+
+Every function takes the result a library call returned and a `Console` to print on; none does work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from flywheel.config import FlywheelConfig, config_summary
+
+
+def config_table(console: Console, cfg: FlywheelConfig, title: str) -> None:
+    """The config's summary: one row per part of the round."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    for label, value in config_summary(cfg):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def world_report(console: Console, report: Any) -> None:
+    """A world build (`flywheel.world.build.BuildReport`): folders, corpus sizes, the base and its ladder."""
+    p = report.paths
+    console.print(f"[bold]tiny world[/] {p.root}  ({'reused' if report.reused_corpora else 'built'})")
+    console.print("  corpora: " + ", ".join(f"{k} {v:,}" for k, v in report.counts.items()))
+    console.print(f"  base ({p.size}, {report.params / 1e6:.2f}M params): {p.base}  "
+                  f"({'reused' if report.reused_base else 'pre-trained'})")
+    if report.heldout_loss is not None:
+        console.print(f"  held-out pre-training loss: {report.heldout_loss:.3f}")
+    if report.ladder:
+        _ladder(console, report.ladder)
+    console.print(f"  took {report.seconds:.0f} s")
+
+
+def _ladder(console: Console, ladder: dict[int, float]) -> None:
+    from flywheel.world.tasks import LEVEL_NAMES
+
+    table = Table(title="pre-anneal base, greedy accuracy on held-out problems", title_justify="left")
+    table.add_column("level")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for lvl, acc in ladder.items():
+        table.add_row(f"L{lvl}", LEVEL_NAMES[lvl], f"{100 * acc:.0f}%")
+    table.add_row("mean", "", f"{100 * sum(ladder.values()) / len(ladder):.1f}%")
+    console.print(table)
+    console.print("  Mid-training should raise the middle levels; the hardest should stay out of reach.")
+
+
+def mixture_report(console: Console, cfg: FlywheelConfig, corpus: Any) -> None:
+    """A built mixture (`flywheel.data.mixture.PackedCorpus`): per source its store, windows and epochs."""
+    meta = corpus.meta
+    table = Table(title=f"mixture {corpus.folder}", title_justify="left")
+    for col in ("source", "documents", "tokens", "windows", "epochs", "bytes on disk"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in meta["sources"]:
+        table.add_row(s["source"], f"{s['documents']:,}", f"{s['store_tokens']:,}", f"{s['windows']:,}",
+                      f"{s['epochs']:.2f}", f"{s['bytes'] / 2**20:,.1f} MiB")
+    console.print(table)
+    built = {b.store.key: b for b in corpus.builds}
+    for s in meta["sources"]:
+        b = built.get(s["store"])
+        state = f"built in {b.seconds:.1f} s ({s['store_tokens'] / max(b.seconds, 1e-9):,.0f} tokens/s)" if b else "reused"
+        console.print(f"  {s['source']}: store {s['store']} {state}")
+    console.print(f"  {meta['rows']:,} windows x {meta['seq_len']} = {meta['tokens']:,} tokens "
+                  f"(midtrain.token_budget {cfg.midtrain.token_budget:,})")
+
+
+def reference_cache_report(console: Console, rep: Any) -> None:
+    """A scored reference (`flywheel.remit.scoring.ScoreReport`): where the cache is, what was computed."""
+    meta = rep.corpus.meta
+    state = f"scored {len(rep.computed_chunks)} chunk(s)" if rep.computed_chunks else "reused"
+    speed = f", {rep.tokens_per_second:,.0f} tokens/s" if rep.tokens_per_second else ""
+    console.print(f"reference cache {rep.cache.folder} ({state}{speed})")
+    console.print(f"  corpus {rep.corpus.folder}: {meta['rows']:,} rows × {meta['seq_len']} = {meta['tokens']:,} tokens")
+
+
+def midtrain_report(console: Console, res: Any) -> None:
+    """A mid-training result: the checkpoint, reused / resumed / trained, and the token-weight page."""
+    state = "reused" if res.reused else (f"resumed from {res.resumed_from}" if res.resumed_from else "trained")
+    console.print(f"mid-trained checkpoint: {res.checkpoint} ({state}, {res.seconds:.0f} s)")
+    if res.html:
+        console.print(f"token weights page: {res.html}")
+
+
+def posttrain_report(console: Console, res: Any) -> None:
+    """A post-training chain: one row per TRL stage, then the RL checkpoint."""
+    table = Table(title="post-training", title_justify="left")
+    for col in ("stage", "kind", "steps", "s/step", "state"):
+        table.add_column(col)
+    for st in res.stages:
+        state = "reused" if st.reused else (f"resumed from {st.resumed_from}" if st.resumed_from else "trained")
+        table.add_row(str(st.index), st.kind, str(st.steps), f"{st.seconds_per_step:.2f}", state)
+    console.print(table)
+    console.print(f"RL checkpoint: {res.checkpoint}")
+
+
+def round_outcome(console: Console, result: dict[str, Any]) -> None:
+    """One round's verdict line and, when the flywheel stood still, the note."""
+    console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"),
+                  soft_wrap=True)
+    notes(console, [result])
+
+
+def notes(console: Console, results: list[dict[str, Any]]) -> None:
+    for r in results:
+        if (r.get("base") or {}).get("note"):
+            console.print(f"note: {r['base']['note']}", soft_wrap=True)
+
+
+ROUND_TABLE = ("post/", "remit/", "dynamics/")  # the RL model's scores, the weights of its anneal, its KL to the guide
+
+
+def comparison(console: Console, cfg: FlywheelConfig, prefix: str | tuple[str, ...] = ROUND_TABLE) -> None:
+    """The rounds table (RL-model metrics and the guidance's dynamics by default; "" for every metric), its plot."""
+    from flywheel.tracking.compare import compare
+    from flywheel.tracking.store import open_tracker
+
+    result = compare(open_tracker(cfg), prefix=prefix)
+    console.print(result.text, markup=False, highlight=False, soft_wrap=True)  # a table row is one line
+    if result.plot:
+        console.print(f"plot: {result.plot}")
+
+
+def ablation_report(console: Console, report: dict[str, Any]) -> None:
+    console.print(report["markdown"], markup=False, highlight=False)
+    console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
