@@ -9,17 +9,12 @@ from pathlib import Path
 from flywheel.config import FlywheelConfig
 from flywheel.errors import FlywheelError
 from flywheel.hub import check_hub_access, hub_failure
-from flywheel.refs import Ref, as_ref, model_location
+from flywheel.refs import as_ref, model_location
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Config keys that different architectures use for the longest sequence their positions cover.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-
-
-def resolve_model(cfg: FlywheelConfig, ref: Ref | str) -> str:
-    """A model reference as `from_pretrained` takes it (flywheel.refs.model_location, under its old name)."""
-    return model_location(cfg, ref)
 
 
 def _field_of(cfg: FlywheelConfig, ref: str) -> str | None:

@@ -47,7 +47,7 @@ def reference(small_world):
 
 def heldout_eval_loss(model_dir: Path | str, cfg) -> float:
     """Mean next-token loss on held-out evaluation problems (never in any training corpus)."""
-    from flywheel.world.build import world_paths
+    from flywheel.refs import world_paths
 
     paths = world_paths(cfg)
     tok = AutoTokenizer.from_pretrained(paths.tokenizer)

@@ -16,7 +16,7 @@ from flywheel.posttrain import posttrain
 from flywheel.posttrain.chain import OWN_ARGS, plan_stages, trl_config_class
 from flywheel.posttrain.monitor import ZERO_ADVANTAGE, ZeroAdvantageMonitor
 from flywheel.posttrain.onpolicy import build_pairs, sample_completions
-from flywheel.world.build import world_paths
+from flywheel.refs import world_paths
 
 from .conftest import small_config
 

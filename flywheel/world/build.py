@@ -26,7 +26,6 @@ from flywheel.data.io import atomic_dir, read_jsonl, write_json
 # The world's address book lives in flywheel/refs.py (the layers below the round resolve world: there);
 # these names stay importable from here.
 from flywheel.refs import WORLD_VERSION, WorldPaths, world_data_fields, world_paths, world_train_fields
-from flywheel.refs import resolve_world_ref as resolve_world_ref
 from flywheel.refs import world_size as world_size
 
 log = logging.getLogger("flywheel.world")
