@@ -91,11 +91,15 @@ class ModelConfig(Section):
 class DataSource(Section):
     """One mid-training source and its share of the mixture."""
 
-    source: str  # world:<corpus>, a .jsonl/.json/.parquet file, a folder or glob of them, or a hub dataset id
+    source: str  # world:<corpus>, a .jsonl/.json/.parquet file (maybe compressed), a folder or glob of them, or a hub id
     weight: float = Field(1.0, gt=0)
-    text_field: str = "text"
+    text_field: str = "text"  # other fields (Dolma's id, added, created, source, metadata) are ignored
     split: str = "train"
     subset: str | None = None
+    # a folder's or hub dataset's files, chosen by path (relative to the folder / repo; fnmatch, `*` crosses folders)
+    include: list[str] = Field(default_factory=list)  # empty: every data file
+    exclude: list[str] = Field(default_factory=list)
+    revision: str | None = None  # a hub dataset's commit or tag (None: main, resolved to its commit when fetched)
 
     @field_validator("source")
     @classmethod
@@ -116,6 +120,10 @@ class DataConfig(Section):
         default_factory=lambda: [DataSource(source="world:midtrain")], min_length=1
     )
     workers: int | None = Field(None, ge=1)  # token-store build processes; None: one per CPU core
+    # a hub source whose share is above this many tokens has its files fetched into the Hugging Face cache and
+    # tokenized by every worker (flywheel/data/fetch.py); a smaller share is streamed by one task
+    fetch_above_tokens: int = Field(50_000_000, ge=0)
+    fetch_workers: int = Field(8, ge=1)  # parallel downloads
     # next_slice: round N anneals on the N-th budget-sized slice of the shuffled windows (fresh data each
     # round, wrapping into a new epoch when the store runs out); same: every round reads slice 0.
     per_round: Literal["next_slice", "same"] = "next_slice"

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from flywheel.errors import FlywheelError, hub_error, hub_reason
 
+T = TypeVar("T")
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})  # what huggingface_hub and datasets read as true
 _HUB_SEEN: set[tuple[str, str]] = set()  # (repo type, id) the hub answered for in this process
 
@@ -75,3 +78,19 @@ def check_hub_access(field: str | None, ref: str, repo_type: str = "model") -> N
             raise failure from None
         return
     _HUB_SEEN.add((repo_type, ref))
+
+
+def worded_hub_call(field: str | None, ref: str, call: Callable[[], T], repo_type: str, fix: str) -> T:
+    """`call()`, with a failure to reach or find `ref` on the hub as its one sentence (hub_failure), and any
+    other error of the hub libraries as one sentence ending in `fix`."""
+    try:
+        return call()
+    except FlywheelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, revision or split: all one sentence
+        failure = hub_failure(field, ref, exc, repo_type)
+        if failure is not None:
+            raise failure from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FlywheelError(f"{field + ': ' if field else ''}{ref}: the hub answered {type(exc).__name__} "
+                            f"({first}); {fix}") from None

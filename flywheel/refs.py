@@ -21,8 +21,9 @@ from glob import glob, has_magic
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from flywheel.data.compressed import looks_like_compressed
 from flywheel.data.io import fingerprint
-from flywheel.data.kinds import DATA_FILE_SUFFIXES
+from flywheel.data.kinds import DATA_FILE_SUFFIXES, DATA_FILE_WORDS
 from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class RefUse:
 MODEL_REF = RefUse("model", ("world", "folder", "hub"), WORLD_SIZES, "size",
                    "must be world:<size>, an existing local folder, or a hub id like 'org/name'")
 DATA_REF = RefUse("data", ("world", "file", "hub"), WORLD_CORPORA, "corpus",
-                  f"must be world:<corpus>, a local {'/'.join(DATA_FILE_SUFFIXES)} file, or a hub dataset id")
+                  f"must be world:<corpus>, a local {DATA_FILE_WORDS}, or a hub dataset id")
 CORPUS_REF = dataclasses.replace(DATA_REF, name="corpus", kinds=("world", "file", "folder", "glob", "hub"))
 
 
@@ -112,7 +113,7 @@ def _check(ref: Ref, use: RefUse) -> None:
     if ref.kind == "file" and not path.is_file():
         raise ValueError("local data file does not exist; fix the path")
     if ref.kind == "file" and not ref.text.endswith(DATA_FILE_SUFFIXES):
-        raise ValueError(f"local data must be one of {', '.join(DATA_FILE_SUFFIXES)}")
+        raise ValueError(f"local data must be a {DATA_FILE_WORDS}")
     if ref.kind == "registry" and ref.registry_name is None:
         raise ValueError("a registry reference is models:/<name>@<alias> or models:/<name>/<version>")
     if ref.kind == "hub" and not _HUB_ID_RE.match(ref.text):
@@ -249,9 +250,13 @@ def model_location(cfg: FlywheelConfig, ref: Ref | str) -> str:
 
 
 def _folder_files(ref: Ref) -> list[Path]:
-    files = sorted(p for p in ref.path.rglob("*") if p.is_file() and p.name.endswith(DATA_FILE_SUFFIXES))
+    """Every data file under a folder, nested subfolders included (Dolma's layout). Other files are skipped, but
+    JSON lines behind a compression this reader does not know are kept, so reading one (unless the source's
+    exclude drops it) names the compression rather than leaving the file out unsaid."""
+    files = sorted(p for p in ref.path.rglob("*")
+                   if p.is_file() and (p.name.endswith(DATA_FILE_SUFFIXES) or looks_like_compressed(p)))
     if not files:
-        raise FlywheelError(f"{_at(ref)}the folder {ref.text} holds no {'/'.join(DATA_FILE_SUFFIXES)} files; "
+        raise FlywheelError(f"{_at(ref)}the folder {ref.text} holds no {DATA_FILE_WORDS}; "
                             "point it at the folder with the data")
     return files
 
@@ -262,8 +267,8 @@ def _glob_files(ref: Ref) -> list[Path]:
         raise FlywheelError(f"{_at(ref)}the glob {ref.text} matches no file; fix the pattern")
     bad = [p for p in files if not p.name.endswith(DATA_FILE_SUFFIXES)]
     if bad:
-        raise FlywheelError(f"{_at(ref)}the glob {ref.text} matches {bad[0]}, which is not "
-                            f"{'/'.join(DATA_FILE_SUFFIXES)}; narrow the pattern")
+        raise FlywheelError(f"{_at(ref)}the glob {ref.text} matches {bad[0]}, which is not a "
+                            f"{DATA_FILE_WORDS}; narrow the pattern")
     return files
 
 

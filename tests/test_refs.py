@@ -58,11 +58,11 @@ def test_every_kind_of_reference_parses_to_its_parts(files: Path):
      "model.source: must be world:<size>, an existing local folder, or a hub id like 'org/name'"),
     ({"data": {"sources": [{"source": "world:nope"}]}}, "data.sources.0.source: unknown tiny-world corpus 'nope'"),
     ({"data": {"sources": [{"source": "none/*.jsonl"}]}}, "the glob matches no file; fix the pattern"),
-    ({"data": {"sources": [{"source": "notes.txt"}]}}, "local data must be one of .jsonl, .json, .parquet"),
+    ({"data": {"sources": [{"source": "notes.txt"}]}}, "local data must be a .jsonl/.json/.parquet file"),
     ({"posttrain": {"stages": [{"kind": "sft", "data": "shards"}]}},
      "posttrain.stages.0.data: local data file does not exist; fix the path"),
     ({"posttrain": {"stages": [{"kind": "sft", "data": "bad id!"}]}},
-     "must be world:<corpus>, a local .jsonl/.json/.parquet file, or a hub dataset id"),
+     "must be world:<corpus>, a local .jsonl/.json/.parquet file (.jsonl/.json may add .gz/.zst/.bz2/.xz), or a hub dataset id"),
 ])
 def test_the_config_refuses_a_reference_with_the_sentence_parse_ref_gives(files: Path, section: dict, error: str):
     with pytest.raises(ConfigError) as caught:
@@ -107,9 +107,14 @@ def test_a_world_reference_before_the_world_is_built_says_to_build_it(files: Pat
 
 
 def test_the_file_suffixes_the_config_takes_are_the_kinds_table(files: Path):
-    assert DATA_FILE_SUFFIXES == tuple(k.suffix for k in KINDS.values() if k.suffix) == (".jsonl", ".json", ".parquet")
+    compressed = tuple(f".{base}{c}" for base in ("jsonl", "json") for c in (".gz", ".zst", ".bz2", ".xz"))
+    assert DATA_FILE_SUFFIXES == tuple(k.suffix for k in KINDS.values() if k.suffix) == (
+        ".jsonl", ".json", ".parquet", *compressed)
     assert MODEL_REF.kinds == ("world", "folder", "hub") and "glob" in CORPUS_REF.kinds
     assert kind_of("x/y.parquet").name == "parquet" and kind_of("y.jsonl").name == "jsonl"
+    assert kind_of("dclm-0000.json.zst").name == "json.zst" and kind_of("a.jsonl.gz").name == "jsonl.gz"
+    with pytest.raises(FlywheelError, match=r"x\.json\.lz4: '\.lz4' is not a compression this reader knows"):
+        kind_of("x.json.lz4")
     with pytest.raises(FlywheelError, match=r"notes\.txt: is not a \.jsonl/\.json/\.parquet file"):
         kind_of("notes.txt")
 

@@ -81,6 +81,33 @@ def _not_utf8(path: Path, line: int, offset: int, byte: bytes) -> FlywheelError:
                          "re-encode the file as UTF-8")
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors write
+
+
+def json_object_line(path: Path, raw: bytes, line: int | Callable[[], int], offset: int, of: str = "") -> dict | None:
+    """The JSON object on one line of a JSON-lines file (None for a blank line), or the one sentence naming it.
+
+    `line`: its 1-based number, or a function that counts it (only when an error must name it); `offset`:
+    the byte where the line starts; `of`: what the numbers count in (" of the decompressed text").
+    """
+    number = line if isinstance(line, int) else None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        number = number or line()
+        raise _not_utf8(path, number, offset + exc.start, raw[exc.start:exc.start + 1]) from None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FlywheelError(f"{path}: line {number or line()}{of}, column {exc.colno} is not valid JSON ({exc.msg}); "
+                            "fix or remove it") from None
+    if not isinstance(row, dict):
+        raise FlywheelError(f"{path}: line {number or line()}{of} is not a JSON object; each line must be {{...}}")
+    return row
+
+
 def _open_data(path: Path) -> IO[bytes]:
     try:
         return open(path, "rb")
@@ -95,23 +122,10 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with _open_data(path) as f:
         offset = 0
         for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _not_utf8(path, i, offset + exc.start, raw[exc.start:exc.start + 1]) from None
+            row = json_object_line(path, raw.removeprefix(BOM) if i == 1 else raw, i, offset)
             offset += len(raw)
-            if i == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FlywheelError(f"{path}: line {i}, column {exc.colno} is not valid JSON ({exc.msg}); "
-                                    "fix or remove it") from None
-            if not isinstance(row, dict):
-                raise FlywheelError(f"{path}: line {i} is not a JSON object; each line must be {{...}}")
-            yield i, row
+            if row is not None:
+                yield i, row
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -1,28 +1,41 @@
-"""Data-source kinds: how a .jsonl, .json, .parquet file or a streamed hub dataset is read, one entry each.
+"""Data-source kinds: how a .jsonl, .json, .parquet file (the first two maybe compressed) or a streamed hub
+dataset is read, one entry each.
 
 Every kind answers the same few questions (`SourceKind`): how to cut it into pieces (one token-store task
 each), the texts of a piece, its columns, all its rows (post-training), a fingerprint of its bytes and,
-where it is cheap, a sample for the token estimate. Adding a kind (say compressed .json.zst) is one
-`SourceKind` in `KINDS`; the file suffixes the config accepts follow from the table.
+where it is cheap, a sample for the token estimate. Adding a kind is one `SourceKind` in `KINDS`; the
+file suffixes the config accepts follow from the table. Compressed JSON lines (Dolma's `.json.zst`,
+`.json.gz`, ...) are one entry per compression, read by flywheel/data/compressed.py.
 
-Imports nothing of flywheel but data.io, errors and (when a hub stream is read) hub, so refs and the
-config may use it.
+Imports nothing of flywheel but data.io, data.compressed, errors and (when a hub stream is read) hub,
+so refs and the config may use it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flywheel.data.compressed import (
+    COMPRESSIONS,
+    compressed_rows,
+    compressed_sample,
+    compressed_texts,
+    compression_of,
+    first_row,
+    looks_like_compressed,
+    stripes_of,
+)
 from flywheel.data.io import (
-    _not_utf8,
+    BOM,
     file_fingerprint,
     fingerprint,
+    json_object_line,
     parquet_schema,
     read_json_rows,
     read_jsonl,
@@ -40,7 +53,8 @@ SAMPLE_BYTES = 1 << 20  # the token estimate tokenizes this much of the first fi
 
 @dataclass(frozen=True)
 class Piece:
-    """One task's share of a source: `path` from `start` to `end` (bytes for jsonl, row groups for parquet)."""
+    """One task's share of a source: `path` from `start` to `end` (bytes for jsonl, row groups for parquet;
+    for a compressed file, stripe `start` of `end`: every end-th document from the start-th)."""
 
     path: str
     start: int = 0
@@ -80,24 +94,9 @@ def _line_number(path: str, offset: int) -> int:
 
 def _jsonl_row(piece: Piece, raw: bytes, pos: int) -> dict | None:
     """The object on one line starting at byte `pos` (None for a blank line), or the sentence naming the line."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(Path(piece.path), _line_number(piece.path, pos), pos + exc.start,
-                        raw[exc.start:exc.start + 1]) from None
     if pos == 0:
-        line = line.removeprefix("\ufeff")
-    if not line.strip():
-        return None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise FlywheelError(f"{piece.path}: line {_line_number(piece.path, pos)}, column {exc.colno} is "
-                            f"not valid JSON ({exc.msg}); fix or remove it") from None
-    if not isinstance(row, dict):
-        raise FlywheelError(f"{piece.path}: line {_line_number(piece.path, pos)} is not a JSON object; "
-                            "each line must be {...}")
-    return row
+        raw = raw.removeprefix(BOM)
+    return json_object_line(Path(piece.path), raw, lambda: _line_number(piece.path, pos), pos)
 
 
 def jsonl_rows(piece: Piece) -> Iterator[dict]:
@@ -168,6 +167,23 @@ def _json_columns(path: Path) -> tuple[list[str], int]:
     return _first_row_columns(rows[0] if rows else None)
 
 
+def _json_sample(path: Path, field: str) -> tuple[list[str], int]:
+    rows = read_json_rows(path)  # small by nature: the whole file is the sample
+    return [r[field] for r in rows if isinstance(r.get(field), str) and r[field]], path.stat().st_size
+
+
+def _parquet_sample(path: Path, field: str) -> tuple[list[str], int]:
+    """The first row group's texts, and its compressed bytes (every column: what the file's size counts)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if pf.metadata.num_row_groups == 0:
+        return [], path.stat().st_size
+    group = pf.metadata.row_group(0)
+    texts = [t for t in pf.read_row_group(0, columns=[field]).column(0).to_pylist() if isinstance(t, str) and t]
+    return texts, sum(group.column(i).total_compressed_size for i in range(group.num_columns))
+
+
 def _parquet_pieces(target: str, piece_bytes: int) -> list[Piece]:
     import pyarrow.parquet as pq
 
@@ -214,7 +230,11 @@ def _hub_texts(piece: Piece, src: DataSource) -> Iterator[str]:
 
     try:
         check_hub_access("data.sources", src.source, "dataset")
-        stream = datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True)
+        if src.exclude:
+            raise FlywheelError(f"{src.source}: exclude applies to a fetched hub source, not a streamed one; choose "
+                                "the files with include, or raise the share above data.fetch_above_tokens")
+        stream = datasets.load_dataset(src.source, src.subset, split=src.split, streaming=True,
+                                       revision=src.revision, data_files=src.include or None)
         if piece.end > 1:
             stream = stream.shard(num_shards=piece.end, index=piece.start)
         for row in stream:
@@ -240,6 +260,24 @@ def _hub_pieces(target: str, piece_bytes: int) -> list[Piece]:
     return [Piece(target, 0, 1, "hub")]
 
 
+# --- compressed JSON lines (Dolma's shards) -------------------------------------------------------
+
+
+def _compressed(base: str, compression: str) -> SourceKind:
+    """The kind of `.<base><compression>` files: JSON lines decompressed as a stream (a .json too: Dolma's)."""
+    name = f"{base}{compression}"
+
+    def pieces(target: str, _: int) -> list[Piece]:
+        n = stripes_of(target)
+        return [Piece(target, i, n, name) for i in range(n)]
+
+    return SourceKind(name, f".{name}", pieces=pieces,
+                      texts=lambda piece, src: compressed_texts(piece.path, src.text_field, piece.start, piece.end),
+                      fingerprint=file_bytes_fingerprint, columns=lambda path: _first_row_columns(first_row(path)),
+                      rows=lambda path: list(compressed_rows(path)),
+                      sample=lambda path, field: compressed_sample(path, field, SAMPLE_BYTES))
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (
@@ -247,14 +285,17 @@ KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (
                fingerprint=file_bytes_fingerprint, columns=lambda path: _first_row_columns(_first_jsonl_row(path)),
                rows=read_jsonl, sample=_jsonl_sample),
     SourceKind("json", ".json", pieces=lambda target, _: [Piece(target, 0, 0, "json")], texts=_json_texts,
-               fingerprint=file_bytes_fingerprint, columns=_json_columns, rows=read_json_rows),
+               fingerprint=file_bytes_fingerprint, columns=_json_columns, rows=read_json_rows, sample=_json_sample),
     SourceKind("parquet", ".parquet", pieces=_parquet_pieces, texts=_parquet_texts,
-               fingerprint=file_bytes_fingerprint, columns=parquet_schema, rows=read_parquet_rows),
+               fingerprint=file_bytes_fingerprint, columns=parquet_schema, rows=read_parquet_rows,
+               sample=_parquet_sample),
     SourceKind("hub", None, pieces=_hub_pieces, texts=_hub_texts,
-               fingerprint=lambda target, src: fingerprint(target, src.subset, src.split)),
+               fingerprint=lambda target, src: fingerprint(target, src.subset, src.split, src.revision, src.include)),
+    *(_compressed(base, c) for base in ("jsonl", "json") for c in COMPRESSIONS),
 )}
 HUB = KINDS["hub"]
 DATA_FILE_SUFFIXES = tuple(k.suffix for k in KINDS.values() if k.suffix)  # what a local data file may end with
+DATA_FILE_WORDS = f".jsonl/.json/.parquet file (.jsonl/.json may add {'/'.join(COMPRESSIONS)})"  # the same, in words
 
 
 def kind_of(path: str | Path) -> SourceKind:
@@ -262,10 +303,23 @@ def kind_of(path: str | Path) -> SourceKind:
     name = Path(path).name
     found = [k for k in KINDS.values() if k.suffix and name.endswith(k.suffix)]
     if not found:
-        raise FlywheelError(f"{path}: is not a {'/'.join(DATA_FILE_SUFFIXES)} file; point at one")
+        if looks_like_compressed(path):
+            compression_of(path)  # names the unknown compression
+        raise FlywheelError(f"{path}: is not a {DATA_FILE_WORDS}; point at one")
     return max(found, key=lambda k: len(k.suffix or ""))
 
 
 def piece_texts(src: DataSource, piece: Piece) -> Iterator[str]:
     """The texts of one piece of `src`, read by the piece's kind."""
     return KINDS[piece.kind].texts(piece, src)
+
+
+def path_selected(relative: str, include: list[str], exclude: list[str]) -> bool:
+    """Whether a file, by its path inside a source's folder or hub repository, is in the source's subset.
+
+    fnmatch patterns (`*` crosses folders, as in the hub's allow_patterns): included when `include` is
+    empty or one pattern matches, and no `exclude` pattern matches.
+    """
+    if include and not any(fnmatchcase(relative, pattern) for pattern in include):
+        return False
+    return not any(fnmatchcase(relative, pattern) for pattern in exclude)

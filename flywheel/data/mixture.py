@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.config import FlywheelConfig
+from flywheel.data.fetch import FetchPlan, fetch_files, fetches, plan_fetch
 from flywheel.data.io import atomic_dir, distributed_rank, fingerprint, wait_until, write_json
 from flywheel.data.store import (
     BuildReport,
@@ -230,22 +231,37 @@ def mixture_key(cfg: FlywheelConfig, tokenizer_id: str, store_keys: list[str]) -
                        mt.token_budget, mt.seq_len, cfg.seed, *([("slice", part)] if part else []))
 
 
-def _source_stores(cfg: FlywheelConfig, tok, keys: list[str], caps: list[int | None], workers: int,
-                   on_source: Callable[[int, int | None], None] | None,
+def _source_stores(cfg: FlywheelConfig, tok, keys: list[str], caps: list[int | None], plans: list[FetchPlan | None],
+                   workers: int, on_source: Callable[[int, int | None], None] | None,
                    on_tokens: Callable[[int], None] | None) -> tuple[list[SourceStore], list[BuildReport]]:
-    """Every source's store, opened when complete, else built (the builds are returned too)."""
+    """Every source's store, opened when complete, else built (a fetched hub source's files fetched first)."""
     builds, stores = [], []
-    for i, (src, cap) in enumerate(zip(cfg.data.sources, caps, strict=True)):
+    for i, (src, cap, plan) in enumerate(zip(cfg.data.sources, caps, plans, strict=True)):
         done = cfg.home / "cache" / "tokens" / keys[i] / "store.json"
         if done.exists():
             stores.append(open_store(done.parent, keys[i]))
             continue
+        fetched = (plan, fetch_files(cfg, i, plan)) if plan is not None else None
         if on_source is not None:
-            on_source(i, estimate_tokens(cfg, src, tok, cap))
-        rep = build_source(cfg, src, tok, max_tokens=cap, workers=workers, on_tokens=on_tokens)
+            on_source(i, estimate_tokens(cfg, src, tok, cap, plan))
+        rep = build_source(cfg, src, tok, max_tokens=None if plan else cap, workers=workers, on_tokens=on_tokens,
+                           fetched=fetched)
         builds.append(rep)
         stores.append(rep.store)
     return stores, builds
+
+
+def source_plans(cfg: FlywheelConfig, tok, tokenizer_id: str) -> tuple[list[int], list[int | None],
+                                                                        list[FetchPlan | None], list[str]]:
+    """Per source: its windows, the tokens a streamed hub source reads, the fetch plan of a fetched one, and
+    its store key (what a build would write: nothing is built here)."""
+    counts = window_counts(_window_count(cfg), [s.weight for s in cfg.data.sources])
+    caps = _stream_caps(cfg, counts)
+    plans = [plan_fetch(cfg, i, tok, tokenizer_id, cap) if fetches(cfg, src, cap) else None
+             for i, (src, cap) in enumerate(zip(cfg.data.sources, caps, strict=True))]
+    caps = [None if plan else cap for cap, plan in zip(caps, plans, strict=True)]
+    keys = [store_key(cfg, s, tok, cap, plan) for s, cap, plan in zip(cfg.data.sources, caps, plans, strict=True)]
+    return counts, caps, plans, keys
 
 
 def _write_index(cfg: FlywheelConfig, folder: Path, key: str, stores: list[SourceStore], counts: list[int]) -> None:
@@ -260,6 +276,7 @@ def _write_index(cfg: FlywheelConfig, folder: Path, key: str, stores: list[Sourc
         taken, epoch_from, epoch_to = _take(store, base, seq_len, count, rng, skip=part * count)
         starts.append(taken)
         sources.append({"source": src.source, "store": store.key, "documents": store.meta["documents"],
+                        "revision": store.meta.get("revision"),
                         "store_tokens": store.meta["tokens"], "windows": int(count),
                         "tokens": int(count) * seq_len, "epochs": round(epoch_to - epoch_from, 4),
                         "epoch_from": round(epoch_from, 4), "epoch_to": round(epoch_to, 4),
@@ -283,17 +300,15 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     `on_source(i, estimated_tokens)` is called before source i's store is built, `on_tokens(n)` as
     its tokens are written (the CLI's progress bar).
     """
-    counts = window_counts(_window_count(cfg), [s.weight for s in cfg.data.sources])
     workers = max(1, workers or cfg.data.workers or os.cpu_count() or 1)
-    caps = _stream_caps(cfg, counts)
-    keys = [store_key(cfg, s, tok, cap) for s, cap in zip(cfg.data.sources, caps, strict=True)]
+    counts, caps, plans, keys = source_plans(cfg, tok, tokenizer_id)
     key = mixture_key(cfg, tokenizer_id, keys)
     folder = packed_folder(cfg, key)
     rank, world = distributed_rank()
     if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
         wait_until("rank 0 to build the mixture", lambda: [] if (folder / "meta.json").exists() else [key])
         return PackedCorpus(folder, key)
-    stores, builds = _source_stores(cfg, tok, keys, caps, workers, on_source, on_tokens)
+    stores, builds = _source_stores(cfg, tok, keys, caps, plans, workers, on_source, on_tokens)
     if not (folder / "meta.json").exists():
         _write_index(cfg, folder, key, stores, counts)
     return PackedCorpus(folder, key, builds)

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from flywheel.config import DataSource, FlywheelConfig
+from flywheel.data.fetch import FetchPlan
 from flywheel.data.io import fingerprint, write_json
-from flywheel.data.kinds import HUB, Piece, kind_of, piece_texts
+from flywheel.data.kinds import HUB, Piece, kind_of, path_selected, piece_texts
 from flywheel.errors import FlywheelError
 from flywheel.refs import Ref, data_files
 
@@ -82,12 +83,25 @@ def source_ref(cfg: FlywheelConfig, src: DataSource) -> Ref:
 
 
 def source_files(cfg: FlywheelConfig, src: DataSource) -> list[Path] | None:
-    """The local files of a source (sorted, so the store is the same on every machine); None for a hub dataset."""
-    return data_files(cfg, source_ref(cfg, src))
+    """The local files of a source (sorted, so the store is the same on every machine), only those its
+    include/exclude patterns select (paths relative to a folder source); None for a hub dataset."""
+    ref = source_ref(cfg, src)
+    files = data_files(cfg, ref)
+    if files is None or not (src.include or src.exclude):
+        return files
+    root = ref.path if ref.kind == "folder" else Path(os.path.commonpath([p.parent for p in files]))
+    chosen = [p for p in files if path_selected(p.relative_to(root).as_posix(), src.include, src.exclude)]
+    if not chosen:
+        raise FlywheelError(f"{_where(cfg, src)}.include: no file under {root} matches include {src.include} "
+                            f"without matching exclude {src.exclude}; fix the patterns")
+    return chosen
 
 
-def source_fingerprint(cfg: FlywheelConfig, src: DataSource) -> Any:
-    """What the source's bytes are: file fingerprints, or id + subset + split for a hub dataset."""
+def source_fingerprint(cfg: FlywheelConfig, src: DataSource, fetched: FetchPlan | None = None) -> Any:
+    """What the source's bytes are: file fingerprints; for a fetched hub source its commit and the files' hub
+    hashes; for a streamed one id + subset + split + revision."""
+    if fetched is not None:
+        return ["fetched", *fetched.fingerprint]
     files = source_files(cfg, src)
     if files is None:
         return HUB.fingerprint(src.source, src)
@@ -99,9 +113,10 @@ def tokenizer_fingerprint(tok) -> str:
     return fingerprint(tok.backend_tokenizer.to_str(), tok.eos_token)
 
 
-def store_key(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | None) -> str:
-    return fingerprint(STORE_VERSION, tokenizer_fingerprint(tok), source_fingerprint(cfg, src), src.text_field,
-                       max_tokens)
+def store_key(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | None,
+              fetched: FetchPlan | None = None) -> str:
+    return fingerprint(STORE_VERSION, tokenizer_fingerprint(tok), source_fingerprint(cfg, src, fetched),
+                       src.text_field, max_tokens)
 
 
 # --- reading pieces ------------------------------------------------------------------------------
@@ -124,13 +139,16 @@ def source_texts(cfg: FlywheelConfig, src: DataSource) -> Iterator[str]:
         yield from piece_texts(src, piece)
 
 
-def estimate_tokens(cfg: FlywheelConfig, src: DataSource, tok, cap: int | None) -> int | None:
-    """About how many tokens a source holds (for the progress bar's ETA): bytes x tokens per byte of a sample.
+def estimate_tokens(cfg: FlywheelConfig, src: DataSource, tok, cap: int | None,
+                    fetched: FetchPlan | None = None) -> int | None:
+    """About how many tokens a source holds (the progress bar's ETA, the disk check): bytes x tokens per byte.
 
-    Measured on the start of the first file, where its kind can sample cheaply (jsonl: raw line bytes, so
-    JSON overhead is in the ratio); None where the size cannot be known up front (a hub stream without cap,
-    parquet, json).
+    Measured on the start of the first file (jsonl: raw line bytes, so JSON overhead is in the ratio; a
+    compressed file: its compressed bytes; parquet: its first row group); a fetched hub source by its plan's
+    sample; a streamed one is its cap (None without one).
     """
+    if fetched is not None:
+        return fetched.est_tokens
     files = source_files(cfg, src)
     if files is None:
         return cap
@@ -141,10 +159,11 @@ def estimate_tokens(cfg: FlywheelConfig, src: DataSource, tok, cap: int | None) 
     return int(tokens / max(1, sampled) * sum(p.stat().st_size for p in files))
 
 
-def plan_pieces(cfg: FlywheelConfig, src: DataSource, workers: int) -> list[Piece]:
-    """Cut a source into tasks, each file by its kind (jsonl by byte ranges, parquet by row groups); a hub
-    dataset is one stream (its pieces must not depend on the worker count: its store key does not)."""
-    files = source_files(cfg, src)
+def plan_pieces(cfg: FlywheelConfig, src: DataSource, workers: int, files: list[Path] | None = None) -> list[Piece]:
+    """Cut a source into tasks, each file by its kind (jsonl by byte ranges, parquet by row groups, a compressed
+    file whole); a streamed hub dataset is one stream (its pieces must not depend on the worker count: its store
+    key does not). `files`: a fetched hub source's local files."""
+    files = files if files is not None else source_files(cfg, src)
     if files is None:
         return HUB.pieces(src.source, PIECE_BYTES)
     pieces = []
@@ -165,8 +184,12 @@ class BuildReport:
 
 
 def build_source(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | None = None,
-                 workers: int | None = None, on_tokens: Callable[[int], None] | None = None) -> BuildReport:
-    """Tokenize one source into its store (reusing a complete one, resuming a partial one)."""
+                 workers: int | None = None, on_tokens: Callable[[int], None] | None = None,
+                 fetched: tuple[FetchPlan, list[Path]] | None = None) -> BuildReport:
+    """Tokenize one source into its store (reusing a complete one, resuming a partial one).
+
+    `fetched`: a hub source's fetch plan and its files, fetched into the Hugging Face cache (data/fetch.py).
+    """
     t0 = time.perf_counter()
     if getattr(tok, "backend_tokenizer", None) is None:
         raise FlywheelError(f"{cfg.model.tokenizer or cfg.model.source}: the token store needs a fast tokenizer "
@@ -174,13 +197,14 @@ def build_source(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | No
     if tok.eos_token is None or tok.eos_token_id is None:
         raise FlywheelError(f"{cfg.model.tokenizer or cfg.model.source}: the tokenizer has no eos token; the store "
                             "needs one to end each document")
-    key = store_key(cfg, src, tok, max_tokens)
+    plan, files = fetched or (None, None)
+    key = store_key(cfg, src, tok, max_tokens, plan)
     root = cfg.home / "cache" / "tokens"
     final = root / key
     if (final / "store.json").exists():
         return BuildReport(open_store(final, key), True, time.perf_counter() - t0)
     workers = max(1, workers or cfg.data.workers or os.cpu_count() or 1)
-    pieces = plan_pieces(cfg, src, workers)
+    pieces = plan_pieces(cfg, src, workers, files)
     partial = root / f"{key}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     tokenizer_file = partial / "tokenizer.json"
@@ -201,7 +225,7 @@ def build_source(cfg: FlywheelConfig, src: DataSource, tok, max_tokens: int | No
     except FlywheelError:
         shutil.rmtree(partial, ignore_errors=True)  # bad input: nothing worth resuming, nothing left half-built
         raise
-    meta = _finish(partial, key, src, pieces, tok)
+    meta = {**_finish(partial, key, src, pieces, tok), "revision": plan.commit if plan else src.revision}
     if meta["documents"] == 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise FlywheelError(f"{src.source}: has no non-empty '{src.text_field}' documents; fill that column or set "

@@ -16,7 +16,7 @@ from flywheel.config import FlywheelConfig
 from flywheel.data.io import file_fingerprint, fingerprint
 from flywheel.data.kinds import kind_of
 from flywheel.errors import FlywheelError
-from flywheel.hub import check_hub_access, hub_failure
+from flywheel.hub import check_hub_access, worded_hub_call
 from flywheel.refs import DATA_REF, Ref, as_ref, local_path
 
 MESSAGE_COLUMNS = ("completion", "chosen", "rejected")
@@ -62,15 +62,8 @@ def _read_hub(ref: str, split: str, subset: str | None, field: str | None = None
     import datasets
 
     check_hub_access(field, ref, "dataset")  # no network or no such id: one sentence at once, not after retries
-    try:
-        ds = datasets.load_dataset(ref, subset, split=split)
-    except Exception as exc:  # offline, unknown id, unknown split: all mean "cannot get it here"
-        failure = hub_failure(field, ref, exc, "dataset")
-        if failure is not None:
-            raise failure from None
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise FlywheelError(f"{ref}: could not load the hub dataset (split '{split}'): {first}; check the "
-                            "id, the subset and the split") from None
+    ds = worded_hub_call(field, ref, lambda: datasets.load_dataset(ref, subset, split=split), "dataset",
+                         f"check the id, the subset and the split ('{split}')")
     if len(ds) == 0:
         raise FlywheelError(f"{ref}: split '{split}' has no rows; choose another split")
     return ds.to_list(), ref, fingerprint(ref, subset, split, ds._fingerprint)

@@ -12,6 +12,7 @@ from flywheel.tracking.registry import (
     T_BASE_VERSION,
     T_DATA,
     T_DATA_EPOCHS,
+    T_DATA_REVISIONS,
     T_DATA_SLICE,
     T_REFERENCE,
     RoundPlan,
@@ -67,14 +68,17 @@ def register_base(tracker: Tracker, cfg: FlywheelConfig, run: str, plan: RoundPl
 
 
 def slice_tags(cfg: FlywheelConfig, corpus_key: str) -> dict[str, str]:
-    """Which slice of the mixture's window stream an anneal read, and where it lies in each source's epochs."""
+    """Which slice of the mixture's window stream an anneal read, where it lies in each source's epochs, and the
+    commit each hub source was read at."""
     from flywheel.data.mixture import PackedCorpus, packed_folder
 
     corpus = PackedCorpus(packed_folder(cfg, corpus_key), corpus_key)
     sources = corpus.meta["sources"] if (corpus.folder / "meta.json").exists() else []
     epochs = "; ".join(f"{s['source']} epochs {s.get('epoch_from', 0):.2f}-{s.get('epoch_to', s['epochs']):.2f}"
                        for s in sources)
-    return {T_DATA_SLICE: str(cfg.data.slice), **({T_DATA_EPOCHS: epochs} if epochs else {})}
+    revisions = "; ".join(f"{s['source']}@{s['revision']}" for s in sources if s.get("revision"))
+    return {T_DATA_SLICE: str(cfg.data.slice), **({T_DATA_EPOCHS: epochs} if epochs else {}),
+            **({T_DATA_REVISIONS: revisions} if revisions else {})}
 
 
 def repeated_round(tracker: Tracker, cfg: FlywheelConfig, round_n: int, key: str) -> int | None:

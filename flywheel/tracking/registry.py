@@ -26,6 +26,7 @@ T_BASE_SOURCE = "flywheel.base_source"
 T_BASE_VERSION = "flywheel.base_version"
 T_DATA = "flywheel.data_fingerprint"
 T_DATA_SLICE = "flywheel.data_slice"  # the slice of the mixture's window stream (data.slice) a base annealed on
+T_DATA_REVISIONS = "flywheel.data_revisions"  # each hub source as id@commit, e.g. "allenai/dolmino-mix-1124@bb54cab..."
 T_DATA_EPOCHS = "flywheel.data_epochs"  # where that slice lies in each source's epochs, e.g. "world:midtrain 0.38-0.76"
 T_CONFIG = "flywheel.config_hash"
 T_CODE = "flywheel.code_version"
