@@ -69,32 +69,24 @@ def world_build(
 def prepare_data_cmd(
     config: ConfigArg,
     workers: Annotated[int | None, typer.Option(help="Build processes (default: data.workers, else one per core).")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print per source the files, bytes, estimated tokens, build "
+                                                      "time and disk needed; build nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Build even when the disk looks too small.")] = False,
 ) -> None:
     """Tokenize every mid-training source into the token store and write the mixture's window index."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from flywheel.data.mixture import build_mixture
+    from flywheel.data.mixture import build_mixture, data_plan
     from flywheel.models import load_tokenizer, tokenizer_identity
 
     cfg = _load(config)
     if workers is not None and workers < 1:
         raise FlywheelError(f"--workers: must be 1 or more (got {workers})")
     tok = load_tokenizer(cfg)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tokens"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = {"id": None}
-
-        def on_source(i: int, estimate: int | None) -> None:
-            task["id"] = bar.add_task(f"data.sources.{i} {cfg.data.sources[i].source}", total=estimate, rate="")
-            task["t0"] = time.perf_counter()
-
-        def on_tokens(n: int) -> None:
-            rate = n / max(1e-9, time.perf_counter() - task["t0"])
-            bar.update(task["id"], completed=n, rate=f"{rate:,.0f} tokens/s")
-
+    if plan:
+        views.data_plan_report(console, cfg, data_plan(cfg, tok, tokenizer_identity(tok), workers))
+        return
+    with views.build_progress(err_console, cfg) as (on_source, on_tokens):
         corpus = build_mixture(cfg, tok, tokenizer_identity(tok), workers=workers, on_source=on_source,
-                               on_tokens=on_tokens)
+                               on_tokens=on_tokens, force=force)
     views.mixture_report(console, cfg, corpus)
 
 
@@ -374,7 +366,6 @@ def ablate(
 @app.command()
 def demo(config: ConfigArg = Path("configs/demo.yaml"), verbose: VerboseOpt = False) -> None:
     """Offline demo: build the tiny world, run rounds 0, 1 (ReMiT-1) and 2 (ReMiT-2), print the comparison."""
-    import time
 
     from flywheel.console import quiet_terminal
 

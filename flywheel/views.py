@@ -5,9 +5,13 @@ Every function takes the result a library call returned and a `Console` to print
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flywheel.config import FlywheelConfig, config_summary
@@ -66,6 +70,63 @@ def mixture_report(console: Console, cfg: FlywheelConfig, corpus: Any) -> None:
         console.print(f"  {s['source']}: store {s['store']} {state}")
     console.print(f"  {meta['rows']:,} windows x {meta['seq_len']} = {meta['tokens']:,} tokens "
                   f"(midtrain.token_budget {cfg.midtrain.token_budget:,})")
+
+
+@contextmanager
+def build_progress(console: Console, cfg: FlywheelConfig) -> Iterator[tuple[Callable, Callable]]:
+    """A progress bar per source of a mixture build: (on_source(i, estimated tokens), on_tokens(n))."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} tokens"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task: dict[str, Any] = {"id": None}
+
+        def on_source(i: int, estimate: int | None) -> None:
+            task["id"] = bar.add_task(f"data.sources.{i} {cfg.data.sources[i].source}", total=estimate, rate="")
+            task["t0"] = time.perf_counter()
+
+        def on_tokens(n: int) -> None:
+            rate = n / max(1e-9, time.perf_counter() - task["t0"])
+            bar.update(task["id"], completed=n, rate=f"{rate:,.0f} tokens/s")
+
+        yield on_source, on_tokens
+
+
+def _or_dash(value: Any, text: Callable[[Any], str]) -> str:
+    return "-" if value is None else text(value)
+
+
+def data_plan_report(console: Console, cfg: FlywheelConfig, plan: Any) -> None:
+    """`prepare-data --plan` (`flywheel.data.disk.DataPlan`): per source what it reads and writes; the totals
+    against the free space."""
+    import shutil
+
+    from flywheel.data.disk import size_text
+
+    table = Table(title=f"data plan for {cfg.name} ({plan.workers} workers)", title_justify="left")
+    for col in ("source", "how", "files", "bytes", "est. tokens", "est. build", "store", "to fetch"):
+        table.add_column(col, justify="left" if col in ("source", "how") else "right")
+    for need in plan.sources:
+        sub = cfg.data.sources[need.index]
+        name = escape(need.source + (f" [{', '.join(sub.include)}]" if sub.include else ""))
+        table.add_row(name, need.how, _or_dash(need.files, "{:,}".format), _or_dash(need.bytes, size_text),
+                      _or_dash(need.tokens, "{:,}".format), _or_dash(plan.seconds(need), _duration),
+                      size_text(need.store_bytes), size_text(need.fetch_bytes))
+    console.print(table)
+    console.print(f"  reference cache {size_text(plan.cache_bytes)}; checkpoints "
+                  f"{_or_dash(plan.checkpoint_bytes, size_text)}"
+                  + ("" if plan.checkpoint_bytes is not None else " (the model's config is not readable here)"))
+    for folder, needed in plan.by_file_system().items():
+        free = shutil.disk_usage(folder).free
+        verdict = "fits" if needed <= free else "does NOT fit (prepare-data refuses; --force builds anyway)"
+        console.print(f"  {folder}: needs {size_text(needed)}, {size_text(free)} free: {verdict}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def reference_cache_report(console: Console, rep: Any) -> None:

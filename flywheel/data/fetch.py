@@ -68,6 +68,7 @@ class FetchPlan:
     share_tokens: int  # tokens the mixture takes from this source
     tokens_per_byte: float  # measured on the sample
     sample_tokens_per_second: float  # the tokenizer on the sample, one process
+    tokens_per_document: float
 
     @property
     def bytes(self) -> int:
@@ -159,14 +160,14 @@ def choose_files(files: list[HubFile], tokens_per_byte: float, share_tokens: int
     return sorted(chosen, key=lambda f: f.path)
 
 
-def _measure(tok, texts: list[str], nbytes: int, where: str) -> tuple[float, float]:
-    """(tokens per byte, tokens per second of the tokenizer) on a sample's texts (+1 EOS each)."""
+def measure_sample(tok, texts: list[str], nbytes: int) -> tuple[float, float, float]:
+    """(tokens per byte, tokens per second of the tokenizer, tokens per document) on a sample's texts (+1 EOS
+    each): what a source's size, build time and document index are estimated from (zeros for no text)."""
     if not texts:
-        raise FlywheelError(f"{where}: the sample holds no non-empty text field; set text_field to the field that "
-                            "holds the text")
+        return 0.0, 0.0, 1.0
     t0 = time.perf_counter()
     tokens = sum(len(ids) + 1 for ids in tok(texts, add_special_tokens=False)["input_ids"])
-    return tokens / max(1, nbytes), tokens / max(1e-9, time.perf_counter() - t0)
+    return tokens / max(1, nbytes), tokens / max(1e-9, time.perf_counter() - t0), tokens / len(texts)
 
 
 def plan_key(cfg: FlywheelConfig, src: DataSource, index: int, tokenizer_id: str, share_tokens: int) -> str:
@@ -189,9 +190,12 @@ def plan_fetch(cfg: FlywheelConfig, index: int, tok, tokenizer_id: str, share_to
     seed = [cfg.seed, index, FETCH_VERSION]
     first = files[int(np.random.default_rng(seed).permutation(len(files))[0])]
     texts, nbytes = _hub_call(field, repo, lambda: _sample(repo, commit, first, src.text_field))
-    per_byte, speed = _measure(tok, texts, nbytes, f"{field}: {repo}/{first.path}")
+    if not texts:
+        raise FlywheelError(f"{field}: {repo}/{first.path} has no non-empty '{src.text_field}' in its first "
+                            f"{SAMPLE_BYTES >> 20} MiB; set text_field to the field that holds the text")
+    per_byte, speed, per_doc = measure_sample(tok, texts, nbytes)
     plan = FetchPlan(repo, src.revision, commit, tuple(choose_files(files, per_byte, share_tokens, seed)),
-                     len(files), sum(f.size for f in files), share_tokens, per_byte, speed)
+                     len(files), sum(f.size for f in files), share_tokens, per_byte, speed, per_doc)
     write_json(memo, plan.to_json())
     return plan
 
@@ -235,3 +239,11 @@ def fetch_files(cfg: FlywheelConfig, index: int, plan: FetchPlan) -> list[Path]:
     _verify(folder, plan, cfg.home / "cache" / "fetch" / f"verified-{fingerprint(plan.repo, plan.commit)}.json",
             cfg.data.workers or cfg.data.fetch_workers)
     return [folder / f.path for f in plan.files]
+
+
+def bytes_to_fetch(plan: FetchPlan) -> int:
+    """The bytes of a plan's files not yet in the Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return sum(f.size for f in plan.files if not isinstance(
+        try_to_load_from_cache(plan.repo, f.path, revision=plan.commit, repo_type="dataset"), str))

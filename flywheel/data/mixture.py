@@ -38,6 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.config import FlywheelConfig
+from flywheel.data.disk import (
+    DataPlan,
+    check_space,
+    checkpoint_bytes,
+    model_parameters,
+    reference_cache_bytes,
+)
 from flywheel.data.fetch import FetchPlan, fetch_files, fetches, plan_fetch
 from flywheel.data.io import atomic_dir, distributed_rank, fingerprint, wait_until, write_json
 from flywheel.data.store import (
@@ -46,6 +53,7 @@ from flywheel.data.store import (
     build_source,
     estimate_tokens,
     open_store,
+    source_need,
     store_key,
 )
 from flywheel.errors import FlywheelError
@@ -292,13 +300,25 @@ def _write_index(cfg: FlywheelConfig, folder: Path, key: str, stores: list[Sourc
                                        "tokens": len(index) * seq_len, "sources": sources, "shards": shards})
 
 
+def data_plan(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | None = None) -> DataPlan:
+    """What building the mixture will read and write, per source, and the run's cache and checkpoints (disk.py)."""
+    from huggingface_hub import constants
+
+    _, caps, plans, keys = source_plans(cfg, tok, tokenizer_id)
+    needs = [source_need(cfg, i, tok, cap, plan, key)
+             for i, (cap, plan, key) in enumerate(zip(caps, plans, keys, strict=True))]
+    return DataPlan(cfg.home, Path(constants.HF_HUB_CACHE), max(1, workers or cfg.data.workers or os.cpu_count() or 1),
+                    needs, reference_cache_bytes(cfg), checkpoint_bytes(cfg, model_parameters(cfg)))
+
+
 def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | None = None,
                   on_source: Callable[[int, int | None], None] | None = None,
-                  on_tokens: Callable[[int], None] | None = None) -> PackedCorpus:
+                  on_tokens: Callable[[int], None] | None = None, force: bool = False) -> PackedCorpus:
     """Build (or reuse) every source's store and the window index; reuse the whole mixture when the key matches.
 
     `on_source(i, estimated_tokens)` is called before source i's store is built, `on_tokens(n)` as
-    its tokens are written (the CLI's progress bar).
+    its tokens are written (the CLI's progress bar). Before a store is built, the disk: a file system with
+    less free space than the run will write refuses, unless `force` (flywheel/data/disk.py).
     """
     workers = max(1, workers or cfg.data.workers or os.cpu_count() or 1)
     counts, caps, plans, keys = source_plans(cfg, tok, tokenizer_id)
@@ -308,6 +328,8 @@ def build_mixture(cfg: FlywheelConfig, tok, tokenizer_id: str, workers: int | No
     if world > 1 and rank != 0:  # under torchrun, rank 0 builds; the others read what it wrote
         wait_until("rank 0 to build the mixture", lambda: [] if (folder / "meta.json").exists() else [key])
         return PackedCorpus(folder, key)
+    if not force and not all((cfg.home / "cache" / "tokens" / k / "store.json").exists() for k in keys):
+        check_space(data_plan(cfg, tok, tokenizer_id, workers))
     stores, builds = _source_stores(cfg, tok, keys, caps, plans, workers, on_source, on_tokens)
     if not (folder / "meta.json").exists():
         _write_index(cfg, folder, key, stores, counts)

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from flywheel.config import DataSource, FlywheelConfig
-from flywheel.data.fetch import FetchPlan
+from flywheel.data.disk import SourceNeed, store_bytes
+from flywheel.data.fetch import FetchPlan, bytes_to_fetch, measure_sample
 from flywheel.data.io import fingerprint, write_json
 from flywheel.data.kinds import HUB, Piece, kind_of, path_selected, piece_texts
 from flywheel.errors import FlywheelError
@@ -42,6 +43,7 @@ from flywheel.refs import Ref, data_files
 
 STORE_VERSION = 1
 PIECE_BYTES = 64 << 20  # a file is cut into pieces of about this size: one task and one shard each
+STREAM_TOKENS_PER_DOCUMENT = 1000.0  # a streamed source's documents are not sampled: its index is estimated so
 
 @dataclass
 class SourceStore:
@@ -139,24 +141,46 @@ def source_texts(cfg: FlywheelConfig, src: DataSource) -> Iterator[str]:
         yield from piece_texts(src, piece)
 
 
+def _local_sample(cfg: FlywheelConfig, src: DataSource, tok, files: list[Path]) -> tuple[float, float, float]:
+    """(tokens per byte, tokenizer tokens/s, tokens per document) on the start of a source's first file (jsonl:
+    raw line bytes, so JSON overhead is in the ratio; a compressed file: its compressed bytes; parquet: its
+    first row group)."""
+    texts, sampled = kind_of(files[0]).sample(files[0], src.text_field)
+    return measure_sample(tok, texts, sampled)
+
+
 def estimate_tokens(cfg: FlywheelConfig, src: DataSource, tok, cap: int | None,
                     fetched: FetchPlan | None = None) -> int | None:
-    """About how many tokens a source holds (the progress bar's ETA, the disk check): bytes x tokens per byte.
-
-    Measured on the start of the first file (jsonl: raw line bytes, so JSON overhead is in the ratio; a
-    compressed file: its compressed bytes; parquet: its first row group); a fetched hub source by its plan's
-    sample; a streamed one is its cap (None without one).
-    """
+    """About how many tokens a source holds (the progress bar's ETA): its bytes x a sample's tokens per byte;
+    a fetched hub source by its plan's sample; a streamed one is its cap (None without one)."""
     if fetched is not None:
         return fetched.est_tokens
     files = source_files(cfg, src)
     if files is None:
         return cap
-    if any(kind_of(p).sample is None for p in files):
-        return None
-    texts, sampled = kind_of(files[0]).sample(files[0], src.text_field)
-    tokens = sum(len(ids) + 1 for ids in tok(texts, add_special_tokens=False)["input_ids"]) if texts else 0
-    return int(tokens / max(1, sampled) * sum(p.stat().st_size for p in files))
+    return int(_local_sample(cfg, src, tok, files)[0] * sum(p.stat().st_size for p in files))
+
+
+def source_need(cfg: FlywheelConfig, index: int, tok, cap: int | None, plan: FetchPlan | None,
+                key: str) -> SourceNeed:
+    """What building source `index` reads and writes (data/disk.py), estimated from a sample; nothing built."""
+    src, vocab = cfg.data.sources[index], len(tok)
+    done = cfg.home / "cache" / "tokens" / key / "store.json"
+    if done.exists():
+        meta = json.loads(done.read_text())
+        return SourceNeed(index, src.source, "built", len(meta["shards"]), None, meta["tokens"], None)
+    if plan is not None:
+        return SourceNeed(index, src.source, "fetch", len(plan.files), plan.bytes, plan.est_tokens,
+                          plan.sample_tokens_per_second, store_bytes(plan.est_tokens, vocab, plan.tokens_per_document),
+                          bytes_to_fetch(plan))
+    files = source_files(cfg, src)
+    if files is None:
+        return SourceNeed(index, src.source, "stream", None, None, cap, None,
+                          store_bytes(cap or 0, vocab, STREAM_TOKENS_PER_DOCUMENT))
+    size = sum(p.stat().st_size for p in files)
+    per_byte, speed, per_doc = _local_sample(cfg, src, tok, files)
+    return SourceNeed(index, src.source, "local", len(files), size, int(per_byte * size), speed,
+                      store_bytes(int(per_byte * size), vocab, per_doc))
 
 
 def plan_pieces(cfg: FlywheelConfig, src: DataSource, workers: int, files: list[Path] | None = None) -> list[Piece]:
