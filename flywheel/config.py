@@ -611,7 +611,8 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
     eps = "no clip" if mt.epsilon is None else f"ε={mt.epsilon}"
     if objective_named(mt.objective).follows_weight_settings and (mt.centring, mt.mapping) != ("mean", "sigmoid"):
         eps += f", {mt.centring} centring, {mt.mapping} mapping"
-    mix = ", ".join(f"{s.source}×{s.weight:g}" for s in cfg.data.sources)
+    mix = ", ".join(f"{s.source}{'@' + s.revision[:7] if s.revision else ''}"
+                    f"{' ' + '+'.join(s.include) if s.include else ''}×{s.weight:g}" for s in cfg.data.sources)
     chain = " → ".join(s.kind for s in cfg.posttrain.stages)
     chain += "".join(f"; stage {i} rewards: {rewards_note(s)}" for i, s in enumerate(cfg.posttrain.stages)
                      if s.kind == "grpo")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from flywheel.config import validate_config
 from flywheel.data.disk import CHECKPOINTS_KEPT, OPTIMIZER_BYTES, checkpoint_bytes, model_parameters
 from flywheel.data.mixture import build_mixture, data_plan
 
-from .conftest import byte_tokenizer
+from .conftest import byte_tokenizer, capability_missing
 from .test_dolma_sources import _documents, _write_zst
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,19 @@ def test_the_checkpoints_are_counted_from_the_models_config_without_its_weights(
     assert plan.sources[0].how == "local" and plan.sources[0].files == 6
 
 
-def test_a_home_on_a_disk_too_small_refuses_with_both_numbers_and_writes_nothing(tmp_path, model_folder, corpus):
+@pytest.fixture
+def private_tmpfs(tmp_path):
+    """Whether this machine lets a process mount a tmpfs in its own user and mount namespace (CI must)."""
+    if shutil.which("unshare") is None:
+        capability_missing("no unshare here (util-linux)")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"], capture_output=True, text=True)
+    if probe.returncode:
+        capability_missing(f"cannot mount a tmpfs in a private namespace here ({probe.stderr.strip()})")
+
+
+def test_a_home_on_a_disk_too_small_refuses_with_both_numbers_and_writes_nothing(tmp_path, model_folder, corpus,
+                                                                                   private_tmpfs):
     home = tmp_path / "small"
     home.mkdir()
     config = tmp_path / "small.yaml"
@@ -114,3 +127,23 @@ def test_a_home_on_a_disk_too_small_refuses_with_both_numbers_and_writes_nothing
 
     plan = _cli(["prepare-data", str(config), "--plan"], home, wrap="1m")
     assert plan.returncode == 0 and "does NOT fit" in plan.stdout, plan.stdout + plan.stderr
+
+
+def test_the_paper_configs_plan_without_the_hub_is_one_sentence_naming_the_dataset(tmp_path, model_folder):
+    """configs/olmo-1b.yaml with its model here but no network: the plan needs the hub for the Dolmino files."""
+    from .test_hub_access import _clean_env, _free_port
+
+    data = yaml.safe_load((REPO / "configs" / "olmo-1b.yaml").read_text())
+    data["model"]["source"] = data["midtrain"]["reference"] = str(model_folder)
+    data["home"] = str(tmp_path / "home")
+    config = tmp_path / "olmo.yaml"
+    config.write_text(yaml.safe_dump(data))
+    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens
+    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "prepare-data", str(config), "--plan"], cwd=REPO,
+                         env=_clean_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: data.sources.0.source: could not fetch the dataset 'allenai/dolmino-mix-1124' "
+                           f"from the Hugging Face Hub (no network: cannot reach {endpoint}"), line
+    assert not (tmp_path / "home" / "cache" / "tokens").exists()

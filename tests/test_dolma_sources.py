@@ -164,6 +164,24 @@ def test_a_subsets_store_is_the_tokenized_decompressed_texts_in_file_order(dolmi
     assert len(store.shards) == len(files)  # one piece (and shard) per compressed file
 
 
+def test_a_compressed_file_above_the_stripe_size_is_cut_by_document_count_and_loses_nothing(dolmino, tmp_path, tok,
+                                                                                            monkeypatch):
+    from flywheel.data import compressed
+
+    monkeypatch.setattr(compressed, "STRIPE_BYTES", 1500)  # each few-KB dclm shard becomes several pieces
+    cfg = _cfg(tmp_path / "h", [_source(dolmino.root, "dclm")])
+    store = build_source(cfg, cfg.data.sources[0], tok, workers=2).store
+    files = sorted((dolmino.root / "data/dclm").rglob("*.json.zst"))
+    assert len(store.shards) == sum(-(-f.stat().st_size // 1500) for f in files) > len(files)
+    texts = [t for path in files for t in _decompressed_texts(path)]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    got = []  # every document of every stripe, split at its EOS
+    for i in range(len(store.shards)):
+        tokens, ends = np.asarray(store.tokens(i)).tolist(), [0, *np.asarray(store.doc_ends(i)).tolist()]
+        got += [tuple(tokens[a:b - 1]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    assert sorted(got) == sorted(tuple(d) for d in ids)  # each document once, in some stripe
+
+
 KILLED_BUILD = """
 import sys
 sys.path.insert(0, {repo!r})

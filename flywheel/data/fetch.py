@@ -133,7 +133,7 @@ def _sample(repo: str, commit: str, file: HubFile, field: str) -> tuple[list[str
         local = Path(hf_hub_download(repo, file.path, repo_type="dataset", revision=commit))
         return kind_of(local).sample(local, field)
     url = hf_hub_url(repo, file.path, repo_type="dataset", revision=commit)
-    data = b""
+    data = bytearray()
     with get_session().stream("GET", url, headers={**build_hf_headers(), "Range": f"bytes=0-{SAMPLE_BYTES - 1}"},
                               follow_redirects=True) as answer:
         answer.raise_for_status()
@@ -141,8 +141,7 @@ def _sample(repo: str, commit: str, file: HubFile, field: str) -> tuple[list[str
             data += block
             if len(data) >= SAMPLE_BYTES:
                 break
-    data = data[:SAMPLE_BYTES]
-    return prefix_texts(data, file.path, field, whole=len(data) >= file.size)
+    return prefix_texts(bytes(data[:SAMPLE_BYTES]), file.path, field, whole=len(data) >= file.size)
 
 
 # --- the plan ---------------------------------------------------------------------------------------
