@@ -45,7 +45,8 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/*.py; do case $$b in bench/gpu_acceptance.py) continue;; esac; \
+	  echo "== $$b"; $(BIN)/python $$b || exit 1; done  # gpu_acceptance: on a GPU node by hand (make test runs --cpu --tiny)
 
 # the study of docs/results.md (later variants are run by naming them: flywheel ablate --list-variants)
 RESULTS_VARIANTS := ntp,remit,kd,rho1,miniplm,remit_sft_ref,remit_weak_ref,remit_eps0.1,remit_eps0.2,remit_eps0.3,remit_noclip

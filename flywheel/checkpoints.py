@@ -135,8 +135,28 @@ def first_non_finite(folder: Path) -> str | None:
     return None
 
 
-def publish_trained(trainer: Any, tokenizer: Any, final: Path, record_file: str, record: dict[str, Any]) -> None:
-    """Publish a trained model as one plain HF folder: the full weights, whatever the sharding.
+def _cast(model: Any, state: dict | None, dtype: str | None) -> dict | None:
+    """The state dict with its floating tensors in `dtype` (None: as they are, and no copy made)."""
+    import torch
+
+    if dtype is None or all(p.dtype == getattr(torch, dtype) for p in model.parameters()):
+        return state
+    state = state if state is not None else model.state_dict()
+    return {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _set_config_dtype(folder: Path, dtype: str) -> None:
+    """config.json names the dtype the weights were written in (what `dtype="auto"` loads)."""
+    path = folder / "config.json"
+    conf = json.loads(path.read_text())
+    conf["dtype"] = dtype
+    write_json(path, conf)
+
+
+def publish_trained(trainer: Any, tokenizer: Any, final: Path, record_file: str, record: dict[str, Any],
+                    dtype: str | None = None) -> None:
+    """Publish a trained model as one plain HF folder: the full weights, whatever the sharding, in `dtype`
+    (the precision policy's published dtype: float32 master weights are written in model.dtype).
 
     Every rank calls this: under FSDP the full state dict is a collective gather (to rank 0, on the
     CPU), so a rank-0-only `save_pretrained` would write rank 0's shard. Rank 0 then writes the
@@ -146,11 +166,14 @@ def publish_trained(trainer: Any, tokenizer: Any, final: Path, record_file: str,
     state = acc.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
         model = acc.unwrap_model(trainer.model)
-        if state is not None:  # gathered tensors no longer share storage: drop the tied copies save_pretrained would
+        state = _cast(model, state, dtype)
+        if state is not None:  # gathered or cast tensors no longer share storage: drop the tied copies
             for tied in getattr(model, "all_tied_weights_keys", None) or {}:
                 state.pop(tied, None)
         with atomic_dir(final) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if dtype is not None:
+                _set_config_dtype(tmp, dtype)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / record_file, record)
             write_manifest(tmp)  # last: reuse verifies against it

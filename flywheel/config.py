@@ -73,7 +73,14 @@ class ModelConfig(Section):
 
     source: str = "world:nano"
     tokenizer: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # loaded to infer, computed in, published
+    # mixed: train float32 master weights and AdamW state, computing in `dtype` (autocast) where the device can;
+    # pure: train the weights in `dtype` as loaded (bfloat16 rounds away updates under ~1/256 of a weight: most
+    # of an anneal's decaying tail); flywheel/models.py `precision_of`
+    precision: Literal["mixed", "pure"] = "mixed"
+    # attention kernel for training and scoring: sdpa (PyTorch's), flash_attention_2 (needs flash-attn), eager
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    compile: bool = False  # torch.compile the model for training (HF Trainer's torch_compile)
     trust_remote_code: bool = False
     revision: str | None = None
 
@@ -159,6 +166,7 @@ class MidtrainConfig(Section):
     rho1_keep: float = Field(0.8, gt=0, le=1)
     loss_kernel: Literal["auto", "chunked", "fused", "eager"] = "auto"  # flywheel/remit/kernels.py
     loss_chunk_tokens: int = Field(2048, ge=1)  # tokens per output-layer chunk (chunked kernel, scoring)
+    activation_checkpointing: bool = False  # recompute activations in the backward pass: memory for ~30% more time
 
     @field_validator("reference")
     @classmethod
@@ -243,9 +251,15 @@ class EvaluationConfig(Section):
     """What lm-eval runs after mid-training and after post-training."""
 
     tasks: list[str] = Field(default_factory=lambda: ["world"], min_length=1)
+    backend: Literal["hf", "vllm"] = "hf"  # lm-eval's model: hf (transformers), or vllm (data-parallel on the GPUs)
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
+
+    def cache_fields(self) -> dict:
+        """The settings that decide the scores, for cache keys (backend only when not the default hf, so scores
+        kept before it existed stay valid)."""
+        return self.model_dump(mode="json", exclude={"backend"} if self.backend == "hf" else None)
 
 
 class TrackingConfig(Section):
@@ -303,6 +317,8 @@ class LaunchSpec(Section):
     config_file: str | None = None  # accelerate: its config file, e.g. deploy/accelerate/fsdp.yaml
     grace_seconds: float = Field(60.0, gt=0)  # after SIGTERM, how long every rank has to save before SIGKILL
     timeout_minutes: float | None = Field(None, gt=0)  # the stage is stopped (SIGTERM, then SIGKILL) after this
+    # the device's dense bf16 peak in TFLOP/s, for MFU (flywheel/perf.py); None: from its table of known GPUs
+    peak_tflops: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _coherent(self) -> LaunchSpec:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.config import FlywheelConfig
@@ -83,13 +85,84 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What a training stage keeps, computes in and publishes (flywheel-midtrain.json / -posttrain.json)."""
+
+    mode: str  # model.precision: mixed or pure
+    master: str  # the trained parameters and AdamW's state
+    compute: str  # forward and backward (autocast when below `master`)
+    published: str  # the weights written for the next stage and for inference
+
+    def record(self) -> dict[str, str]:
+        return {"precision": self.mode, "master_dtype": self.master, "compute_dtype": self.compute,
+                "published_dtype": self.published}
+
+
+LOW_PRECISION = ("bfloat16", "float16")
+PURE_WARNING = ("warning: model.precision: pure trains the {dtype} weights and AdamW's state as they are: an update "
+                "under ~1/256 of a weight rounds away (most of a decaying anneal's tail); use mixed unless you "
+                "measured otherwise")
+
+
+def _stored_dtype(location: str) -> str:
+    """The dtype a checkpoint's config.json says its weights are in (what model.dtype: auto loads); float32 else."""
+    try:
+        conf = json.loads((Path(location) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    found = conf.get("dtype") or conf.get("torch_dtype") if isinstance(conf, dict) else None
+    return found if found in ("float32", *LOW_PRECISION) else "float32"
+
+
+def precision_of(cfg: FlywheelConfig, ref: str | None = None) -> Precision:
+    """The precision policy for training `ref` (model.dtype, model.precision, and what this device can do).
+
+    mixed (the default): float32 master weights and optimizer state; compute in model.dtype by autocast on a
+    GPU that supports it (on a CPU in float32: its bf16 is emulated, slow); published in model.dtype. pure:
+    everything in model.dtype, as loaded.
+    """
+    import torch
+
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else _stored_dtype(model_location(cfg, ref or
+                                                                                            cfg.model.source))
+    if cfg.model.precision == "pure":
+        return Precision("pure", dtype, dtype, dtype)
+    gpu = torch.cuda.is_available() and (dtype != "bfloat16" or torch.cuda.is_bf16_supported())
+    return Precision("mixed", "float32", dtype if dtype in LOW_PRECISION and gpu else "float32", dtype)
+
+
+def check_attention(cfg: FlywheelConfig) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: one sentence before any load when not here."""
+    import importlib.util
+
+    import torch
+
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    missing = "the flash-attn package (pip install flash-attn)" if importlib.util.find_spec("flash_attn") is None \
+        else None if torch.cuda.is_available() else "a CUDA GPU"
+    if missing:
+        raise FlywheelError(f"model.attn_implementation: flash_attention_2 needs {missing}, which this machine lacks; "
+                            "use sdpa")
+
+
 def load_model(cfg: FlywheelConfig, ref: str, for_training: bool = True):
-    """AutoModelForCausalLM from safetensors only, remote code only if the config allows it."""
+    """AutoModelForCausalLM from safetensors only, remote code only if the config allows it.
+
+    For training, in the precision policy's master dtype (float32 unless model.precision: pure); to infer,
+    in model.dtype.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     check_model_folder(cfg, ref, ("config", "weights"))
+    check_attention(cfg)
     dtype = _DTYPES[cfg.model.dtype]
+    if for_training:
+        dtype = precision_of(cfg, ref).master
+        if cfg.model.precision == "pure" and dtype in LOW_PRECISION:
+            print(PURE_WARNING.format(dtype=dtype), file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_location(cfg, ref),
@@ -97,6 +170,7 @@ def load_model(cfg: FlywheelConfig, ref: str, for_training: bool = True):
             use_safetensors=True,
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
+            attn_implementation=cfg.model.attn_implementation,
         )
     except Exception as exc:  # transformers: missing files, unknown model_type, no remote code; the hub's failures
         failure = _hub_failure(cfg, ref, exc)

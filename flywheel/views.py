@@ -138,10 +138,23 @@ def reference_cache_report(console: Console, rep: Any) -> None:
     console.print(f"  corpus {rep.corpus.folder}: {meta['rows']:,} rows × {meta['seq_len']} = {meta['tokens']:,} tokens")
 
 
+def speed_line(speed: dict[str, float]) -> str:
+    """A stage's speed (flywheel/perf.py speed_summary) in one line: tokens/s, per device, MFU, memory."""
+    parts = [f"{speed['tokens_per_s']:,.0f} tokens/s ({speed['tokens_per_s_per_device']:,.0f} per device)"]
+    if "mfu" in speed:
+        parts.append(f"MFU {100 * speed['mfu']:.1f}%")
+    if "peak_memory_gb" in speed:
+        parts.append(f"peak {speed['peak_memory_gb']:.1f} GB")
+    return ", ".join(parts)
+
+
 def midtrain_report(console: Console, res: Any) -> None:
     """A mid-training result: the checkpoint, reused / resumed / trained, and the token-weight page."""
     state = "reused" if res.reused else (f"resumed from {res.resumed_from}" if res.resumed_from else "trained")
     console.print(f"mid-trained checkpoint: {res.checkpoint} ({state}, {res.seconds:.0f} s)")
+    speed = res.metrics.get("speed")
+    if speed:
+        console.print(f"speed: {speed_line(speed)}")
     if res.html:
         console.print(f"token weights page: {res.html}")
 
@@ -149,11 +162,12 @@ def midtrain_report(console: Console, res: Any) -> None:
 def posttrain_report(console: Console, res: Any) -> None:
     """A post-training chain: one row per TRL stage, then the RL checkpoint."""
     table = Table(title="post-training", title_justify="left")
-    for col in ("stage", "kind", "steps", "s/step", "state"):
+    for col in ("stage", "kind", "steps", "s/step", "speed", "state"):
         table.add_column(col)
     for st in res.stages:
         state = "reused" if st.reused else (f"resumed from {st.resumed_from}" if st.resumed_from else "trained")
-        table.add_row(str(st.index), st.kind, str(st.steps), f"{st.seconds_per_step:.2f}", state)
+        table.add_row(str(st.index), st.kind, str(st.steps), f"{st.seconds_per_step:.2f}",
+                      speed_line(st.speed) if st.speed else "-", state)
     console.print(table)
     console.print(f"RL checkpoint: {res.checkpoint}")
 

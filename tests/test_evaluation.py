@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -16,8 +17,10 @@ from flywheel.data.io import read_jsonl
 from flywheel.errors import FlywheelError
 from flywheel.evaluation import BUNDLED, PRESETS, TASKS_DIR, evaluate, format_table
 from flywheel.evaluation.registry import full_task_manager
+from flywheel.evaluation.run import _resolve_checkpoint, check_backend, lm_eval_model, protocol
 from flywheel.evaluation.world_data import EVAL_FILE, FEWSHOT_FILE, write_rows
 from flywheel.metrics import PRIMARY_METRICS, flatten_results
+from flywheel.tracking.gate import NotComparable, check_comparable
 from flywheel.world.tasks import is_heldout
 
 from .conftest import small_config
@@ -247,3 +250,59 @@ def test_every_paper10_task_resolves_in_the_installed_lm_eval():
     assert missing == []
     assert all(task in PRIMARY_METRICS for task, _ in PRESETS["paper10"])
     assert {"world", *BUNDLED} <= known
+
+
+VLLM_MISSING = ("evaluation.backend: vllm needs the vllm package, which is not installed; "
+                "pip install -e '.[vllm]' or set backend: hf")
+VLLM_NO_GPU = "evaluation.backend: vllm needs a CUDA GPU, which this machine lacks; set backend: hf"
+
+
+def test_vllm_backend_stops_with_one_sentence_naming_what_this_machine_lacks(tmp_path, monkeypatch):
+    """Without vllm: how to install it; with vllm but no GPU: use hf. Said before the checkpoint is looked at."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine answers as a CPU one does
+    expected = VLLM_MISSING if importlib.util.find_spec("vllm") is None else VLLM_NO_GPU
+    cfg = small_config(tmp_path, evaluation={"backend": "vllm"})
+    with pytest.raises(FlywheelError) as err:
+        evaluate(cfg, tmp_path / "no-such-checkpoint")  # unchecked, this fails on the missing folder instead
+    assert str(err.value) == expected
+    with pytest.raises(FlywheelError) as direct:  # what config validation calls before a round starts
+        check_backend(cfg)
+    assert str(direct.value) == expected
+
+
+def test_hf_backend_builds_the_same_lm_eval_model_args_as_before(base, tmp_path):
+    cfg = small_config(tmp_path)
+    assert cfg.evaluation.backend == "hf"
+    model, tokenizer = _resolve_checkpoint(cfg, base)
+    before = {"pretrained": str(base.resolve()), "dtype": "float32", "use_safetensors": True,
+              "trust_remote_code": False}
+    assert (model, tokenizer) == (str(base.resolve()), None)
+    assert lm_eval_model(cfg, model, tokenizer) == ("hf", before)
+    assert lm_eval_model(cfg, model, "some/tokenizer", gpus=8) == ("hf", before | {"tokenizer": "some/tokenizer"})
+    check_backend(cfg)  # hf needs nothing more: no error on this CPU machine
+
+
+def test_vllm_backend_runs_one_replica_per_gpu_at_the_models_length(base, tmp_path):
+    cfg = small_config(tmp_path, evaluation={"backend": "vllm"}, model={"dtype": "bfloat16", "trust_remote_code": True})
+    model, tokenizer = _resolve_checkpoint(cfg, base)
+    positions = json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    assert lm_eval_model(cfg, model, tokenizer, gpus=8) == ("vllm", {
+        "pretrained": model, "dtype": "bfloat16", "trust_remote_code": True, "tensor_parallel_size": 1,
+        "data_parallel_size": 8, "gpu_memory_utilization": 0.8, "max_model_len": positions, "seed": 1234,
+    })  # fmt: skip
+    hub = lm_eval_model(cfg, "org/model", None, gpus=1)[1]
+    assert hub["max_model_len"] is None and hub["data_parallel_size"] == 1  # a hub id: vLLM reads its length
+
+
+def test_base_evaluation_records_the_hf_backend(base_eval):
+    assert base_eval.backend == "hf"
+    assert json.loads(base_eval.results_path.read_text())["backend"] == "hf"
+    assert "backend" not in json.loads(base_eval.items_path.read_text())["protocol"]  # older items still pair
+
+
+def test_vllm_items_do_not_pair_with_hf_items(tmp_path):
+    hf = {"protocol": protocol(small_config(tmp_path), "base")}
+    vllm = {"protocol": protocol(small_config(tmp_path, evaluation={"backend": "vllm"}), "base")}
+    check_comparable(hf, dict(hf), "the reference")
+    with pytest.raises(NotComparable, match="backend None vs 'vllm' now"):
+        check_comparable(vllm, hf, "the reference")

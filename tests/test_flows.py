@@ -164,6 +164,13 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
     steps = {m: sorted(x.step for x in tracker.client.get_metric_history(summary, m))
              for m in ("remit/weight_std", "remit/clip_high", "dynamics/kl_to_reference")}
     assert steps == {"remit/weight_std": [0, 1, 2], "remit/clip_high": [0, 1, 2], "dynamics/kl_to_reference": [1, 2]}
+    # every training stage says how fast it ran, at the logging cadence (flywheel/perf.py)
+    stages = {r.data.tags["flywheel.stage"]: r.info.run_id for r in tracker.stage_runs(2)}
+    trained = [s for s in stages if s == "midtrain" or s.startswith("posttrain/")]
+    assert "midtrain" in trained and len(trained) == 1 + len(TINY_ROUND["posttrain"]["stages"]), stages
+    for stage in trained:
+        speed = tracker.client.get_metric_history(stages[stage], "perf/tokens_per_s")
+        assert speed and all(m.value > 0 for m in speed), (stage, speed)
 
 
 def _weights(folder: Path):

@@ -6,7 +6,7 @@ Importing this package is cheap; lm-eval (5-7 s to import) loads only when a run
 from __future__ import annotations
 
 from flywheel.evaluation.registry import BUNDLED, PRESETS, TASKS_DIR, TaskSpec, resolve_tasks
-from flywheel.evaluation.run import EvalResult, eval_dir, evaluate, format_table, print_table
+from flywheel.evaluation.run import EvalResult, check_backend, eval_dir, evaluate, format_table, print_table
 
 __all__ = [
     "BUNDLED",
@@ -14,6 +14,7 @@ __all__ = [
     "TASKS_DIR",
     "EvalResult",
     "TaskSpec",
+    "check_backend",
     "eval_dir",
     "evaluate",
     "format_table",

@@ -3,10 +3,14 @@
 The protocol: a base (pre-trained or mid-trained) model is evaluated few-shot on plain text; a
 post-trained model zero-shot through its chat template. Greedy decoding and fixed seeds make
 the same checkpoint and config score the same every time.
+
+`evaluation.backend` picks lm-eval's model: `hf` (transformers; a launched job's ranks split the
+requests) or `vllm` (one vLLM replica per visible GPU, started by lm-eval through ray from one process).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import fingerprint, write_json, write_jsonl
+from flywheel.data.io import distributed_rank, fingerprint, write_json, write_jsonl
 from flywheel.errors import FlywheelError
 from flywheel.evaluation.items import ITEMS_FILE, item_scores
 from flywheel.evaluation.registry import UNSAFE, TaskSpec, resolve_tasks, task_manager
@@ -31,6 +35,7 @@ SAMPLES_FILE = "samples.jsonl"
 CHAT_PROMPTS = {"world_gsm": "{{question}}"}
 _KEEP = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
          "config", "lm_eval_version", "transformers_version")
+VLLM_MEMORY = 0.8  # of each GPU for vLLM's weights and KV cache: headroom for CUDA graphs and the sampler
 
 
 @dataclass
@@ -44,12 +49,55 @@ class EvalResult:
     checkpoint: str
     seconds: float = 0.0
     items_path: Path | None = None  # per-item scores for the paired promotion gate (evaluation/items.py)
+    backend: str = "hf"  # evaluation.backend: the lm-eval model that produced the scores
 
 
 def eval_dir(cfg: FlywheelConfig, checkpoint: str, kind: str) -> Path:
     """The default output folder: named by what decides the scores (checkpoint, kind, evaluation settings)."""
-    key = fingerprint(checkpoint, kind, cfg.model.dtype, cfg.evaluation.model_dump(mode="json"))
+    key = fingerprint(checkpoint, kind, cfg.model.dtype, cfg.evaluation.cache_fields())
     return cfg.home / "evals" / key
+
+
+def _visible_gpus() -> int:
+    """CUDA GPUs this process can use (CUDA_VISIBLE_DEVICES applied); 0 on a CPU-only machine."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_backend(cfg: FlywheelConfig) -> None:
+    """`evaluation.backend: vllm` needs the vllm package and a CUDA GPU (and ray for several): one sentence if not.
+
+    Cheap (no model, no lm-eval import): config validation can call it before a round does any work.
+    """
+    if cfg.evaluation.backend != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise FlywheelError("evaluation.backend: vllm needs the vllm package, which is not installed; "
+                            "pip install -e '.[vllm]' or set backend: hf")
+    gpus = _visible_gpus()
+    if gpus == 0:
+        raise FlywheelError("evaluation.backend: vllm needs a CUDA GPU, which this machine lacks; set backend: hf")
+    if gpus > 1 and importlib.util.find_spec("ray") is None:
+        raise FlywheelError(f"evaluation.backend: vllm runs one replica on each of the {gpus} GPUs through ray, "
+                            "which is not installed; pip install ray, or show it one GPU (CUDA_VISIBLE_DEVICES)")
+
+
+def lm_eval_model(cfg: FlywheelConfig, model: str, tokenizer: str | None, gpus: int = 1) -> tuple[str, dict[str, Any]]:
+    """lm-eval's model name and model_args for the config's backend; `gpus` (vllm) is the data-parallel size."""
+    args: dict[str, Any] = {"pretrained": model, "dtype": cfg.model.dtype,
+                            "trust_remote_code": cfg.model.trust_remote_code}
+    if tokenizer:
+        args["tokenizer"] = tokenizer
+    if cfg.evaluation.backend == "hf":
+        return "hf", args | {"use_safetensors": True}
+    from flywheel.models import max_positions
+
+    # What the hf backend truncates prompts to (the config's positions), so both see the same text; a hub id's
+    # config is not read here, and vLLM takes the length from it itself.
+    positions = max_positions(model)
+    return "vllm", args | {"tensor_parallel_size": 1, "data_parallel_size": gpus,
+                           "gpu_memory_utilization": VLLM_MEMORY, "max_model_len": positions, "seed": SEED}
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -122,47 +170,54 @@ def _sample_rows(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield _jsonable(row)
 
 
+def _simple_evaluate(cfg: FlywheelConfig, kind: str, specs: list[TaskSpec], tasks: list[Any], tm: Any,
+                     model: str, tokenizer: str | None) -> dict[str, Any] | None:
+    """lm-eval's `simple_evaluate` with the backend's model, greedy and seeded (None on a non-zero hf rank)."""
+    from lm_eval import simple_evaluate
+
+    gpus = _visible_gpus()
+    name, model_args = lm_eval_model(cfg, model, tokenizer, gpus)
+    vllm = name == "vllm"
+    return simple_evaluate(
+        model=name,
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=tm,
+        device=None if vllm else "cuda" if gpus else "cpu",  # vLLM places itself (one replica per GPU)
+        batch_size="auto" if vllm else cfg.evaluation.batch_size,  # vLLM schedules every request at once
+        limit=cfg.evaluation.limit,
+        bootstrap_iters=0,
+        apply_chat_template=kind == "post",
+        fewshot_as_multiturn=kind == "post",
+        confirm_run_unsafe_code=any(s.name in UNSAFE for s in specs),
+        random_seed=0,
+        numpy_random_seed=SEED,
+        torch_random_seed=SEED,
+        fewshot_random_seed=SEED,
+    )
+
+
 def evaluate(cfg: FlywheelConfig, checkpoint: str | Path, *, kind: Kind = "base",
              out_dir: str | Path | None = None) -> EvalResult:
-    """Run the config's lm-eval tasks on a checkpoint; task names are checked before any model loads."""
+    """Run the config's lm-eval tasks on a checkpoint; backend and task names are checked before any model loads."""
     if kind not in KINDS:
         raise FlywheelError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
+    check_backend(cfg)
+    backend = cfg.evaluation.backend
     t0 = time.perf_counter()
     specs = resolve_tasks(cfg.evaluation.tasks)
     model, tokenizer = _resolve_checkpoint(cfg, checkpoint)
+    if backend == "vllm" and distributed_rank()[0] != 0:  # rank 0 starts a replica on every GPU; the rest wait
+        return EvalResult({}, None, None, kind, model, time.perf_counter() - t0, backend=backend)
     tm = task_manager(specs)
     tasks = _load_tasks(specs, kind, cfg, tm)
-
-    import torch
-    from lm_eval import simple_evaluate
-
-    model_args: dict[str, Any] = {"pretrained": model, "dtype": cfg.model.dtype, "use_safetensors": True,
-                                  "trust_remote_code": cfg.model.trust_remote_code}
-    if tokenizer:
-        model_args["tokenizer"] = tokenizer
     try:
-        results = simple_evaluate(
-            model="hf",
-            model_args=model_args,
-            tasks=tasks,
-            task_manager=tm,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            batch_size=cfg.evaluation.batch_size,
-            limit=cfg.evaluation.limit,
-            bootstrap_iters=0,
-            apply_chat_template=kind == "post",
-            fewshot_as_multiturn=kind == "post",
-            confirm_run_unsafe_code=any(s.name in UNSAFE for s in specs),
-            random_seed=0,
-            numpy_random_seed=SEED,
-            torch_random_seed=SEED,
-            fewshot_random_seed=SEED,
-        )
+        results = _simple_evaluate(cfg, kind, specs, tasks, tm, model, tokenizer)
     except OSError as exc:  # transformers reports a missing or unreadable model as OSError
         raise FlywheelError(f"{checkpoint}: could not load the model ({str(exc).splitlines()[0]})") from None
 
     if results is None:  # a rank other than 0 of a data-parallel run: lm-eval gathered its scores on rank 0
-        return EvalResult({}, None, None, kind, model, time.perf_counter() - t0)
+        return EvalResult({}, None, None, kind, model, time.perf_counter() - t0, backend=backend)
     metrics = flatten_results(results)
     folder = Path(out_dir) if out_dir is not None else eval_dir(cfg, model, kind)
     samples_path = folder / SAMPLES_FILE
@@ -171,16 +226,20 @@ def evaluate(cfg: FlywheelConfig, checkpoint: str | Path, *, kind: Kind = "base"
     items_path = folder / ITEMS_FILE
     write_json(items_path, item_scores(results, protocol(cfg, kind) | {"versions": _jsonable(results.get("versions", {}))}))
     write_json(results_path, _jsonable({
-        "checkpoint": model, "kind": kind, "tasks": [s.name for s in specs], "limit": cfg.evaluation.limit,
-        "metrics": metrics, "lm_eval": {k: results[k] for k in _KEEP if k in results},
+        "checkpoint": model, "kind": kind, "backend": backend, "tasks": [s.name for s in specs],
+        "limit": cfg.evaluation.limit, "metrics": metrics, "lm_eval": {k: results[k] for k in _KEEP if k in results},
     }))  # fmt: skip
-    return EvalResult(metrics, results_path, samples_path, kind, model, time.perf_counter() - t0, items_path)
+    return EvalResult(metrics, results_path, samples_path, kind, model, time.perf_counter() - t0, items_path,
+                      backend)
 
 
 def protocol(cfg: FlywheelConfig, kind: str) -> dict[str, Any]:
     """What decides which items and prompts an evaluation has: two results pair only when these agree."""
-    return {"tasks": list(cfg.evaluation.tasks), "limit": cfg.evaluation.limit,
-            "num_fewshot": cfg.evaluation.num_fewshot, "kind": kind}
+    found = {"tasks": list(cfg.evaluation.tasks), "limit": cfg.evaluation.limit,
+             "num_fewshot": cfg.evaluation.num_fewshot, "kind": kind}
+    # Another engine can decode another answer to the same prompt: do not pair vllm items with hf ones. hf adds
+    # no key, so items written before the backend existed still pair.
+    return found if cfg.evaluation.backend == "hf" else found | {"backend": cfg.evaluation.backend}
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -206,6 +265,6 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def print_table(result: EvalResult) -> None:
     """Print an evaluation's table with where its files are, as `flywheel evaluate` shows it."""
-    print(f"{result.kind} evaluation of {result.checkpoint} ({result.seconds:.0f} s)")
+    print(f"{result.kind} evaluation of {result.checkpoint} ({result.backend}, {result.seconds:.0f} s)")
     print(format_table(result.metrics), end="")
     print(f"results: {result.results_path}\nsamples: {result.samples_path}")

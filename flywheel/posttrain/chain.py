@@ -35,7 +35,8 @@ from flywheel.data.io import (
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.launch import launch_kind
-from flywheel.models import load_model, load_tokenizer, model_identity
+from flywheel.models import load_model, load_tokenizer, model_identity, precision_of
+from flywheel.perf import speed_summary
 from flywheel.posttrain.data import StageData, load_stage_data
 from flywheel.posttrain.rewards import NEEDS_COLUMNS, RewardFn, resolve_reward
 from flywheel.posttrain.sandbox import Limits
@@ -72,6 +73,7 @@ class StageResult:
     seconds_per_step: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, float] = field(default_factory=dict)  # flywheel/perf.py speed_summary: tokens/s, MFU, ...
 
 
 @dataclass
@@ -195,7 +197,7 @@ def trl_config(cfg: FlywheelConfig, plan: StagePlan, output_dir: Path) -> Any:
     """Our stage as SFTConfig / DPOConfig / GRPOConfig, with defaults right for this machine; args win."""
     import torch
 
-    stage, cuda = plan.stage, torch.cuda.is_available()
+    stage, cuda, precision = plan.stage, torch.cuda.is_available(), precision_of(cfg)
     tiny = stage.ref is not None and stage.ref.kind == "world"  # the tiny world's problems fit in 128 tokens
     steps = stage.max_steps
     base: dict[str, Any] = {
@@ -209,9 +211,12 @@ def trl_config(cfg: FlywheelConfig, plan: StagePlan, output_dir: Path) -> Any:
         "logging_steps": 1 if plan.kind == "grpo" else max(1, steps // 50),  # grpo: every flat batch is seen
         "report_to": "none",
         "use_cpu": not cuda,
-        "bf16": cuda and torch.cuda.is_bf16_supported(),  # TRL defaults to bf16, emulated (slow) on CPU
-        "fp16": False,
+        # autocast to model.dtype over float32 masters on a GPU (flywheel/models.py precision_of); TRL's own default,
+        # bf16 everywhere, would be emulated (slow) on a CPU
+        "bf16": precision.compute == "bfloat16" and precision.master != "bfloat16",
+        "fp16": precision.compute == "float16" and precision.master != "float16",
         "gradient_checkpointing": cuda,  # TRL defaults to on; on CPU it only costs time
+        "torch_compile": cfg.model.compile,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "disable_tqdm": True,
@@ -237,8 +242,9 @@ def posttrain_key(cfg: FlywheelConfig, checkpoint_path: str, plans: list[StagePl
     """The chain's cache key: input weights, the stage list, every stage's data, the seed."""
     cadence = {"checkpoint_every", "checkpoint_fraction", "checkpoint_minutes"}  # when to save, not what
     stages = [s.model_dump(mode="json", exclude=cadence) for s in cfg.posttrain.stages]
+    precision = [cfg.model.precision] if cfg.model.dtype != "float32" else []  # float32 trains alike either way
     return fingerprint(POSTTRAIN_VERSION, model_identity(checkpoint_path), stages,
-                       [p.data.fingerprint for p in plans], cfg.seed, cfg.model.dtype, _world_size())
+                       [p.data.fingerprint for p in plans], cfg.seed, cfg.model.dtype, _world_size(), *precision)
 
 
 def _check_chat_template(tok: Any, checkpoint: str) -> None:
@@ -291,7 +297,8 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
         done = json.loads(saved.read_text()) if saved.exists() else {}
         return StageResult(plan.index, plan.kind, final, reused=True, steps=done.get("steps", 0),
                            seconds_per_step=done.get("seconds_per_step", 0.0),
-                           log_history=done.get("log_history", []), notes=done.get("notes", {}))
+                           log_history=done.get("log_history", []), notes=done.get("notes", {}),
+                           speed=done.get("speed", {}))
     from datasets import Dataset
 
     from flywheel.config import rewards_note
@@ -304,7 +311,8 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
     if plan.kind == "dpo" and plan.own["on_policy"]:
         rows, notes = _on_policy_rows(cfg, plan, model, tok, stage_dir)
     args = trl_config(cfg, plan, stage_dir / "checkpoints")
-    trainer = _trainer(plan, model, tok, args, Dataset.from_list(rows), callbacks)
+    trainer = _trainer(plan, model, tok, args, Dataset.from_list(rows), callbacks,
+                       cfg.launch.for_stage("posttrain").peak_tflops)
     resume = last_complete_checkpoint(stage_dir / "checkpoints")
     start_step = int(resume.rsplit("-", 1)[1]) if resume else 0
     t_train = time.perf_counter()
@@ -316,32 +324,43 @@ def run_stage(cfg: FlywheelConfig, plan: StagePlan, source: str, stage_dir: Path
     if plan.kind == "grpo":
         notes |= _zero_advantage_summary(history)
     result = StageResult(plan.index, plan.kind, final, resumed_from=resume, steps=steps,
-                         seconds_per_step=train_s / max(1, steps), log_history=history, notes=notes)
-    publish_trained(trainer, tok, final, "flywheel-posttrain.json",
-                    {"kind": plan.kind, "stage": plan.index, "source": source, "data": plan.data.source,
-                     "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-                     "launch": launch_kind(), "fsdp": bool(trainer.is_fsdp_enabled)})
+                         seconds_per_step=train_s / max(1, steps), log_history=history, notes=notes,
+                         speed=speed_summary(history))
+    _publish(cfg, plan, trainer, tok, source, final)
     if trainer.is_world_process_zero():
         write_json(stage_dir / "stage.json", {"steps": steps, "seconds_per_step": result.seconds_per_step,
-                                              "log_history": history, "notes": notes})
+                                              "speed": result.speed, "log_history": history, "notes": notes})
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     result.seconds = time.perf_counter() - t0
     return result
 
 
+def _publish(cfg: FlywheelConfig, plan: StagePlan, trainer: Any, tok: Any, source: str, final: Path) -> None:
+    """The stage's model in the published dtype, with its record (every rank: FSDP gathers here)."""
+    precision = precision_of(cfg, source)
+    publish_trained(trainer, tok, final, "flywheel-posttrain.json",
+                    {"kind": plan.kind, "stage": plan.index, "source": source, "data": plan.data.source,
+                     "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+                     "launch": launch_kind(), "fsdp": bool(trainer.is_fsdp_enabled)} | precision.record(),
+                    precision.published)
+
+
 @functools.cache
 def safe_trainer_class(kind: str) -> type:
-    """TRL's trainer for `kind` with flywheel's `TrainingSafety` (NaN guard, cadence, SIGTERM) mixed in."""
+    """TRL's trainer for `kind` with flywheel's `TrainingSafety` (NaN guard, cadence, SIGTERM) and `SpeedMonitor`
+    (perf/... metrics) mixed in."""
     from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
+    from flywheel.perf import SpeedMonitor
     from flywheel.safety import TrainingSafety
 
     base = {"sft": SFTTrainer, "dpo": DPOTrainer, "grpo": GRPOTrainer}[kind]
-    return type(f"Safe{base.__name__}", (TrainingSafety, base), {"__module__": __name__})
+    return type(f"Safe{base.__name__}", (SpeedMonitor, TrainingSafety, base), {"__module__": __name__})
 
 
-def _trainer(plan: StagePlan, model: Any, tok: Any, args: Any, dataset: Any, callbacks: list | None) -> Any:
+def _trainer(plan: StagePlan, model: Any, tok: Any, args: Any, dataset: Any, callbacks: list | None,
+             peak_tflops: float | None = None) -> Any:
     """The TRL trainer for a stage; DPO builds its own frozen reference copy of the input model."""
     from flywheel.posttrain.monitor import ZeroAdvantageMonitor
 
@@ -349,7 +368,8 @@ def _trainer(plan: StagePlan, model: Any, tok: Any, args: Any, dataset: Any, cal
     stage = plan.stage
     safety = {"stage": f"{plan.where} ({plan.kind})", "lr_field": f"{plan.where}.lr",
               "restart_from": "the stage's input checkpoint", "checkpoint_fraction": stage.checkpoint_fraction,
-              "checkpoint_minutes": stage.checkpoint_minutes, "failpoint": "posttrain-checkpoint"}
+              "checkpoint_minutes": stage.checkpoint_minutes, "failpoint": "posttrain-checkpoint",
+              "peak_tflops": peak_tflops}
     cls = safe_trainer_class(plan.kind)
     if plan.kind == "sft":
         return cls(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks,

@@ -33,8 +33,10 @@ from flywheel.models import (
     load_model,
     load_tokenizer,
     model_identity,
+    precision_of,
     tokenizer_identity,
 )
+from flywheel.perf import speed_summary
 from flywheel.refs import model_location
 from flywheel.remit.catalog import Objective, objective_named
 
@@ -71,7 +73,7 @@ def training_arguments(cfg: FlywheelConfig, output_dir: Path | str, steps: int, 
     import torch
     from transformers import TrainingArguments
 
-    mt = cfg.midtrain
+    mt, precision = cfg.midtrain, precision_of(cfg)  # float32 masters, autocast to model.dtype on a GPU
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -90,13 +92,16 @@ def training_arguments(cfg: FlywheelConfig, output_dir: Path | str, steps: int, 
         logging_steps=logging_steps or 500,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
-        bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        bf16=precision.compute == "bfloat16" and precision.master != "bfloat16",  # autocast over float32 masters
+        fp16=precision.compute == "float16" and precision.master != "float16",
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
         average_tokens_across_devices=True,
+        activation_checkpointing=mt.activation_checkpointing,
+        torch_compile=cfg.model.compile,
         ddp_find_unused_parameters=False,
     )
 
@@ -105,14 +110,16 @@ def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corp
     """The stage's cache key: its config section, the base and reference weights, the data, the seed."""
     section = cfg.midtrain.model_dump(mode="json", exclude={"reference", "checkpoint_every", "checkpoint_fraction",
                                                              "checkpoint_minutes", "score_batch_size",
-                                                             "loss_kernel", "loss_chunk_tokens"})
+                                                             "loss_kernel", "loss_chunk_tokens",
+                                                             "activation_checkpointing"})
     for name, default in LATER_FIELDS.items():  # in the key only when set, so older anneals stay reusable
         if section.get(name) == default:
             section.pop(name)
     ref_id = model_identity(ref_path) if ref_path and objective_named(cfg.midtrain.objective).needs_reference \
         else None
+    precision = [cfg.model.precision] if cfg.model.dtype != "float32" else []  # float32 trains alike either way
     return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
-                       cfg.model.dtype, _world_size())
+                       cfg.model.dtype, _world_size(), *precision)
 
 
 @dataclass
@@ -157,7 +164,7 @@ def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None
     if trainer.is_world_process_zero():
         result.metrics = _metrics(cfg, inputs, trainer, resume, global_batch, steps)
         result.html = _weight_page(cfg, inputs.objective, trainer.diagnostics, run_dir, result.metrics)
-    _publish(inputs, trainer, result)
+    _publish(cfg, inputs, trainer, result)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -255,6 +262,7 @@ def _trainer(cfg: FlywheelConfig, inputs: AnnealInputs, run_dir: Path, steps: in
         checkpoint_fraction=mt.checkpoint_fraction,
         checkpoint_minutes=mt.checkpoint_minutes,
         failpoint="midtrain-checkpoint",
+        peak_tflops=cfg.launch.for_stage("midtrain").peak_tflops,
     )
 
 
@@ -265,7 +273,8 @@ def _metrics(cfg: FlywheelConfig, inputs: AnnealInputs, trainer: Any, resume: st
     return {"steps": steps, "tokens": steps * global_batch * mt.seq_len, "log_history": trainer.state.log_history,
             "objective": mt.objective, "base": inputs.base, "reference": inputs.reference,
             "corpus": inputs.corpus.key, "resumed_from": resume, "world_size": _world_size(),
-            "launch": launch_kind(), "global_batch": global_batch, "loss_kernel": trainer.loss_kernel}
+            "launch": launch_kind(), "global_batch": global_batch, "loss_kernel": trainer.loss_kernel,
+            "speed": speed_summary(trainer.state.log_history)}
 
 
 def _weight_page(cfg: FlywheelConfig, objective: Objective, diagnostics: Any, run_dir: Path,
@@ -283,11 +292,13 @@ def _weight_page(cfg: FlywheelConfig, objective: Objective, diagnostics: Any, ru
                                   mt.epsilon)
 
 
-def _publish(inputs: AnnealInputs, trainer: Any, result: MidtrainResult) -> None:
+def _publish(cfg: FlywheelConfig, inputs: AnnealInputs, trainer: Any, result: MidtrainResult) -> None:
     """Write the model folder with its manifest (every rank: FSDP gathers here), then metrics.json (rank 0)."""
+    precision = precision_of(cfg, inputs.base)
     record = {k: v for k, v in result.metrics.items() if k != "log_history"} | {
-        "key": inputs.key, "fsdp": bool(trainer.is_fsdp_enabled)}
-    publish_trained(trainer, inputs.tokenizer, result.checkpoint, "flywheel-midtrain.json", record)
+        "key": inputs.key, "fsdp": bool(trainer.is_fsdp_enabled), "attn_implementation": cfg.model.attn_implementation,
+        "compile": cfg.model.compile, "activation_checkpointing": cfg.midtrain.activation_checkpointing} | precision.record()
+    publish_trained(trainer, inputs.tokenizer, result.checkpoint, "flywheel-midtrain.json", record, precision.published)
     if trainer.is_world_process_zero():
         write_json(result.run_dir / "metrics.json", result.metrics)
         shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)

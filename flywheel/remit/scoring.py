@@ -91,6 +91,7 @@ class ScoreReport:
     computed_chunks: list[int]
     seconds: float
     tokens_per_second: float | None
+    mfu: float | None = None  # forward FLOPs (a third of training's, flywheel/perf.py) over the device's peak
 
 
 def _sha256(path: Path) -> str:
@@ -219,13 +220,13 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
 
     job.partial.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank()
-    computed, tps = _score_chunks(cfg, reference, job, range(rank, job.n_chunks, world))
+    computed, tps, mfu = _score_chunks(cfg, reference, job, range(rank, job.n_chunks, world))
     if rank != 0:
         wait_until("rank 0 to write the reference cache's index",
                    lambda: [] if (job.final / "index.json").exists() else ["index.json"])
     else:
         _write_index(cfg, reference, job, others=set(range(job.n_chunks)) - set(range(0, job.n_chunks, world)))
-    return ScoreReport(job.cache(verify=False), job.corpus, computed, time.perf_counter() - t0, tps)
+    return ScoreReport(job.cache(verify=False), job.corpus, computed, time.perf_counter() - t0, tps, mfu)
 
 
 def _scoring_job(cfg: FlywheelConfig, reference: str, chunk_tokens: int) -> _Scoring:
@@ -242,8 +243,9 @@ def _scoring_job(cfg: FlywheelConfig, reference: str, chunk_tokens: int) -> _Sco
                     max(1, chunk_tokens // mt.seq_len))
 
 
-def _score_chunks(cfg: FlywheelConfig, reference: str, job: _Scoring, mine: range) -> tuple[list[int], float | None]:
-    """Score this rank's chunks that are not on disk yet, each published whole; (chunks scored, tokens/s)."""
+def _score_chunks(cfg: FlywheelConfig, reference: str, job: _Scoring, mine: range
+                  ) -> tuple[list[int], float | None, float | None]:
+    """Score this rank's chunks that are not on disk yet, each published whole; (chunks scored, tokens/s, MFU)."""
     import torch
 
     # each rank scores on its own GPU (LOCAL_RANK, as torchrun / accelerate set it), else on the CPU
@@ -265,7 +267,21 @@ def _score_chunks(cfg: FlywheelConfig, reference: str, job: _Scoring, mine: rang
         publish(f.name, job.chunk(c))
         computed.append(c)
         failpoint("score-reference-chunk")  # crash tests: a kill here must lose no finished chunk
-    return computed, (scored_tokens / scoring_time if scoring_time else None)
+    if not scoring_time:
+        return computed, None, None
+    tps = scored_tokens / scoring_time
+    return computed, tps, forward_mfu(model, tps, cfg.midtrain.seq_len, cfg.launch.for_stage("score_reference"))
+
+
+def forward_mfu(model, tokens_per_second: float, seq_len: int, launch) -> float | None:  # noqa: ANN001
+    """A forward pass's model FLOPs utilisation (a third of a training step's FLOPs per token)."""
+    from flywheel.perf import device_peak_tflops, flops_per_token, model_shape
+
+    peak = device_peak_tflops(launch.peak_tflops)
+    if peak is None:
+        return None
+    params, layers, hidden = model_shape(model)
+    return tokens_per_second * flops_per_token(params, 0, layers, hidden, seq_len) / 3 / (peak * 1e12)
 
 
 def _score_rows(cfg: FlywheelConfig, model, packed, lo: int, hi: int, device) -> np.ndarray:  # noqa: ANN001

@@ -18,6 +18,7 @@ import torch
 from transformers import Trainer
 
 from flywheel.data.packing import Packed
+from flywheel.perf import SpeedMonitor
 from flywheel.remit import kernels
 from flywheel.remit.catalog import objective_named
 from flywheel.remit.diagnostics import Diagnostics
@@ -47,7 +48,7 @@ class PackedDataset(torch.utils.data.Dataset):
         return item
 
 
-class ReMiTTrainer(TrainingSafety, Trainer):
+class ReMiTTrainer(SpeedMonitor, TrainingSafety, Trainer):
     """Trainer whose `compute_loss` is one of ntp / remit / kd / rho1 (safety keywords: see `TrainingSafety`)."""
 
     loss_is_scaled_for_ga = True  # our loss is already divided by the step's global token count

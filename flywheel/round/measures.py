@@ -26,7 +26,7 @@ def evaluation_memo(cfg: FlywheelConfig, checkpoint: str, kind: str) -> Path | N
     if not manifest.exists():
         return None
     return _verified(cfg, fingerprint(file_fingerprint(manifest), kind, cfg.model.dtype,
-                                      cfg.evaluation.model_dump(mode="json")))
+                                      cfg.evaluation.cache_fields()))
 
 
 def round_kl(cfg: FlywheelConfig, plan: RoundPlan, checkpoint: str) -> dict[str, float]:

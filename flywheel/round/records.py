@@ -31,8 +31,10 @@ def reference_tag(plan: RoundPlan) -> str:
 
 def log_scoring(tracker: Tracker, run: str, rep: Any) -> None:
     """The reference scoring's size and speed on its run."""
+    speed = {"tokens_per_second": rep.tokens_per_second, "perf/tokens_per_s_per_device": rep.tokens_per_second,
+             "perf/mfu": rep.mfu}
     tracker.log_metrics(run, {"tokens": rep.corpus.meta["tokens"], "computed_chunks": len(rep.computed_chunks),
-                              **({"tokens_per_second": rep.tokens_per_second} if rep.tokens_per_second else {})})
+                              **{k: v for k, v in speed.items() if v is not None}})
 
 
 def midtrain_params(rcfg: FlywheelConfig, plan: RoundPlan) -> dict[str, Any]:

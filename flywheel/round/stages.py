@@ -57,7 +57,7 @@ def stage_midtrain(cfg: FlywheelConfig, plan: RoundPlan, callbacks: list | None 
         midtrain(rcfg, base=plan.base, reference=reference, callbacks=callbacks)
         return {}
     tracker = open_tracker(cfg)
-    with tracker.stage_run(plan.round, "midtrain", records.midtrain_params(rcfg, plan)) as run:
+    with tracker.stage_run(plan.round, "midtrain", records.midtrain_params(rcfg, plan), system_metrics=True) as run:
         res = midtrain(rcfg, base=plan.base, reference=reference, callbacks=callbacks)
         data_tags = records.log_midtrain(tracker, run, rcfg, plan, res)
         version = records.register_base(tracker, cfg, run, plan, res, data_tags)

@@ -21,6 +21,7 @@ from flywheel.config import FlywheelConfig
 
 ROUND_TAG = "flywheel.round"
 STAGE_TAG = "flywheel.stage"
+SYSTEM_METRICS_SECONDS = 10.0  # how often a training stage's system metrics are sampled
 SUMMARY_TAG = "flywheel.summary"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -100,14 +101,20 @@ class Tracker:
                                       tags={SUMMARY_TAG: "true", STAGE_TAG: "summary"}).info.run_id
 
     @contextmanager
-    def stage_run(self, round_n: int, stage: str, params: dict[str, Any] | None = None) -> Iterator[str]:
-        """A child run of round N for one stage; FINISHED on success, FAILED if the body raises."""
+    def stage_run(self, round_n: int, stage: str, params: dict[str, Any] | None = None,
+                  system_metrics: bool = False) -> Iterator[str]:
+        """A child run of round N for one stage; FINISHED on success, FAILED if the body raises.
+
+        `system_metrics`: MLflow's system metrics (CPU, memory, disk, network; GPUs with pynvml installed)
+        sampled every 10 s while the body runs, as `system/...` metrics (the training stages).
+        """
         parent = self.round_run(round_n)
         run = self.client.create_run(self.experiment_id, run_name=stage,
                                      tags={ROUND_TAG: str(round_n), STAGE_TAG: stage, PARENT_TAG: parent})
         run_id = run.info.run_id
         if params:
             self.log_params(run_id, params)
+        monitor = self._system_monitor(run_id) if system_metrics else None
         try:
             yield run_id
         except BaseException as exc:
@@ -116,7 +123,18 @@ class Tracker:
             self.client.set_terminated(run_id, status)
             self.client.set_terminated(parent, status)
             raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _system_monitor(self, run_id: str) -> Any:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                       tracking_uri=self.client.tracking_uri)
+        monitor.start()
+        return monitor
 
     def kill_dead_runs(self) -> list[str]:
         """Stage runs left RUNNING by a process that died (SIGKILL, OOM) become KILLED.
