@@ -263,6 +263,31 @@ def round_cmd(
     views.round_outcome(console, result)
 
 
+@app.command()
+def rehearse(
+    config: ConfigArg,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to rehearse.")] = 2,
+    rows: Annotated[int, typer.Option(min=1, help="Documents or rows read from each data source.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of every training stage.")] = 2,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The config's rounds in miniature on this CPU: real architecture, vocabulary, tokenizer, data formats, TRL
+    arguments, tasks, gate and launcher; a checklist at the end. Exit 0 only when every stage passed."""
+    cfg = _load(config)
+    from flywheel.round.rehearsal import rehearsal_home
+
+    use_flywheel_prefect(rehearsal_home(cfg))
+    from flywheel.console import quiet_terminal
+
+    with quiet_terminal(verbose):
+        from flows.rehearsal import rehearse as run_rehearsal
+
+        outcome = run_rehearsal(cfg, rounds, rows, steps)
+    views.checklist(console, outcome)
+    if not outcome.passed:
+        raise typer.Exit(1)
+
+
 @app.command("run")
 def run_cmd(
     config: ConfigArg,

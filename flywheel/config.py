@@ -29,6 +29,8 @@ from flywheel.refs import WORLD_SIZES as WORLD_SIZES
 from flywheel.remit.catalog import NAMES as OBJECTIVE_NAMES
 from flywheel.remit.catalog import objective_named
 
+CHAT_TEMPLATES = ("tulu",)  # flywheel/chat_templates/<name>.jinja
+
 POSTTRAIN_KINDS = ("sft", "dpo", "grpo")
 BUILTIN_REWARDS = ("math_answer", "format", "code_exec")
 DEFAULT_GRPO_REWARDS = ("math_answer", "format")  # a grpo stage without `rewards` uses these (and says so)
@@ -228,6 +230,18 @@ class PosttrainConfig(Section):
         min_length=1,
     )
     allow_custom_rewards: bool = False
+    # The conversation format post-training and evaluation use, replacing the tokenizer's own: a bundled one by
+    # name (tulu) or a .jinja file. Needed when the tokenizer has none, or none with {% generation %} markers
+    # (SFT on `messages` trains on the replies only).
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_named(cls, value: str | None) -> str | None:
+        if value is not None and value not in CHAT_TEMPLATES and not value.endswith(".jinja"):
+            raise ValueError(f"posttrain.chat_template: '{value}' is neither a bundled template "
+                             f"({', '.join(CHAT_TEMPLATES)}) nor a .jinja file")
+        return value
 
     @model_validator(mode="after")
     def _rewards_known(self) -> PosttrainConfig:
@@ -267,6 +281,7 @@ class TrackingConfig(Section):
 
     uri: str | None = None
     register_by_reference: bool = False
+    rehearsal: bool = False  # set by `flywheel rehearse`: every run and model version carries flywheel.rehearsal
 
 
 class PromotionGuard(Section):

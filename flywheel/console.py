@@ -319,10 +319,12 @@ def stage_summary(cfg: Any, stage: str) -> Callable[[StageLine], str]:
                             for k, t in line.training.items())
         if stage == "score_reference":
             return f"reference log-probs cached ({Path(out['cache']).name})" if out.get("cache") else "nothing to score"
+        # a launched job's progress stays in its rank logs: then the result says whether it trained
+        done = trained or ("reused" if out.get("reused", True) else "trained")
         if stage == "midtrain":
-            return f"{trained or 'reused'} → {cfg.name}-base v{out.get('version')}"
+            return f"{done} → {cfg.name}-base v{out.get('version')}"
         if stage == "posttrain":
-            return f"{trained or 'reused'} → {cfg.name}-rl v{out.get('version')}"
+            return f"{done} → {cfg.name}-rl v{out.get('version')}"
         if stage.startswith("evaluate"):
             metrics = out.get("metrics") or {}
             metric = cfg.promotion.metric if cfg.promotion.metric in metrics else next(iter(metrics), None)

@@ -34,7 +34,7 @@ def offline_switch(repo_type: str = "model") -> str | None:
     return None
 
 
-def _hub_cached(ref: str, repo_type: str) -> bool:
+def hub_cached(ref: str, repo_type: str) -> bool:
     """Whether the hub cache (or, for a dataset, datasets' own cache) holds anything of `ref`."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
@@ -66,7 +66,7 @@ def check_hub_access(field: str | None, ref: str, repo_type: str = "model") -> N
     private id into one sentence. Offline, or with anything cached, the load itself decides (and is worded by
     hub_failure).
     """
-    if offline_switch(repo_type) or (repo_type, ref) in _HUB_SEEN or _hub_cached(ref, repo_type):
+    if offline_switch(repo_type) or (repo_type, ref) in _HUB_SEEN or hub_cached(ref, repo_type):
         return
     from huggingface_hub import HfApi, constants
 

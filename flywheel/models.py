@@ -8,12 +8,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.config import FlywheelConfig
+from flywheel.config import CHAT_TEMPLATES, FlywheelConfig
 from flywheel.errors import FlywheelError
 from flywheel.hub import check_hub_access, hub_failure
 from flywheel.refs import as_ref, model_location
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+CHAT_TEMPLATES_DIR = Path(__file__).resolve().parent / "chat_templates"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Config keys that different architectures use for the longest sequence their positions cover.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -205,7 +206,20 @@ def load_tokenizer(cfg: FlywheelConfig, ref: str | None = None):
                    "folder with the tokenizer files save_pretrained writes") from None
     if tok.eos_token_id is None:
         raise FlywheelError(f"{ref}: the tokenizer has no eos token; packing needs one to separate documents")
+    if cfg.posttrain.chat_template:
+        tok.chat_template = chat_template_text(cfg)
     return tok
+
+
+def chat_template_text(cfg: FlywheelConfig) -> str:
+    """posttrain.chat_template as Jinja text: a bundled template by name, or the user's .jinja file."""
+    name = cfg.posttrain.chat_template or ""
+    path = CHAT_TEMPLATES_DIR / f"{name}.jinja" if name in CHAT_TEMPLATES else Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FlywheelError(f"posttrain.chat_template: cannot read {path} ({exc.strerror}); point it at a .jinja "
+                            f"file or use a bundled template ({', '.join(CHAT_TEMPLATES)})") from None
 
 
 def _positions(model_path: str | Path) -> tuple[str, int] | None:

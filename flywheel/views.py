@@ -202,3 +202,26 @@ def comparison(console: Console, cfg: FlywheelConfig, prefix: str | tuple[str, .
 def ablation_report(console: Console, report: dict[str, Any]) -> None:
     console.print(report["markdown"], markup=False, highlight=False)
     console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
+
+
+def checklist(console: Console, outcome: Any) -> None:
+    """`flywheel rehearse`'s ending: what was replaced for the CPU, the tasks out of reach, one line per stage run,
+    and the first error as its sentence."""
+    for line in outcome.replaced:
+        console.print(f"replaced  {line}", markup=False, highlight=False, soft_wrap=True)
+    if outcome.unreachable:
+        console.print(f"not reached  evaluation tasks {', '.join(outcome.unreachable)} (their data is neither "
+                      "cached nor reachable from here)", markup=False, highlight=False, soft_wrap=True)
+    table = Table(title="rehearsal checklist", title_justify="left")
+    for col in ("round", "stage", "result", "time", "detail"):
+        table.add_column(col, justify="right" if col == "time" else "left", overflow="fold")
+    for c in outcome.checks:
+        mark = {"passed": "[green]passed[/]", "failed": "[red]FAILED[/]"}.get(c.status, c.status)
+        table.add_row("-" if c.round is None else str(c.round), c.stage, mark, f"{c.seconds:.0f} s",
+                      escape(c.detail))
+    console.print(table)
+    if outcome.first_error:
+        console.print(f"first error: {outcome.first_error}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(f"every stage passed; the rehearsal's config: {outcome.config}", markup=False,
+                      highlight=False, soft_wrap=True)

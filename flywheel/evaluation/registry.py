@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,3 +93,39 @@ def resolve_tasks(names: Iterable[str]) -> list[TaskSpec]:
                 raise _unknown(name, known)
     specs = [_spec(task) for n in names for task in ([t for t, _ in PRESETS[n]] if n in PRESETS else [n])]
     return list(dict.fromkeys(specs))
+
+
+def reported_metrics(name: str) -> list[str] | None:
+    """The flat metric names (metrics.metric_name) lm-eval will report for one task or group, read from its
+    config without loading any data; None when the config does not say (a tag, a Python task class, a list
+    inherited through `include`, a metric given as a function)."""
+    from flywheel.metrics import metric_name
+
+    if name in BUNDLED:
+        cfg = _bundled_config(name)
+    else:
+        entry = full_task_manager()._entry(name)  # the index entry: the task's YAML as written, no dataset read
+        cfg = entry.cfg if entry is not None else None
+    if not isinstance(cfg, dict):
+        return None
+    if "group" in cfg and "aggregate_metric_list" in cfg:
+        pairs = [(m["metric"], flt) for m in cfg["aggregate_metric_list"]
+                 for flt in _as_list(m.get("filter_list", "none"))]
+    elif "metric_list" in cfg:
+        filters = [f["name"] for f in cfg.get("filter_list") or []] or ["none"]
+        pairs = [(m["metric"], flt) for m in cfg["metric_list"] for flt in filters]
+    else:
+        return None
+    if not all(isinstance(m, str) and re.fullmatch(r"[\w@]+", m) for m, _ in pairs):
+        return None  # a metric given as a function: lm-eval names it only when it runs
+    return list(dict.fromkeys(metric_name(f"{metric},{flt}") for metric, flt in pairs))
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _bundled_config(name: str) -> dict[str, Any]:
+    """Our task files' metric_list (their `!function` tags keep a plain YAML loader from reading them whole)."""
+    text = (TASKS_DIR / f"{name}.yaml").read_text()
+    return {"metric_list": [{"metric": m} for m in re.findall(r"^\s*-\s*metric:\s*(\S+)", text, re.M)]}

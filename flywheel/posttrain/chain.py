@@ -35,12 +35,12 @@ from flywheel.data.io import (
 from flywheel.env import keep_freed_memory
 from flywheel.errors import FlywheelError
 from flywheel.launch import launch_kind
-from flywheel.models import load_model, load_tokenizer, model_identity, precision_of
+from flywheel.models import chat_template_text, load_model, load_tokenizer, model_identity, precision_of
 from flywheel.perf import speed_summary
 from flywheel.posttrain.data import StageData, load_stage_data
 from flywheel.posttrain.rewards import NEEDS_COLUMNS, RewardFn, resolve_reward
 from flywheel.posttrain.sandbox import Limits
-from flywheel.refs import model_location
+from flywheel.refs import MODEL_REF, as_ref, model_location
 
 log = logging.getLogger("flywheel.posttrain")
 
@@ -157,10 +157,11 @@ def _own_value(key: str, value: Any, kind: type, where: str) -> Any:
     return value
 
 
-def _check_groups(stage: PosttrainStage, trl: dict[str, Any], where: str) -> None:
-    """GRPO compares each prompt's completions as a group, so a batch must hold whole groups."""
+def _check_groups(stage: PosttrainStage, trl: dict[str, Any], where: str, world: int | None = None) -> None:
+    """GRPO compares each prompt's completions as a group, so a batch must hold whole groups (over `world`
+    processes; default: this job's)."""
     k = int(trl.get("num_generations", 8))
-    per_step = stage.batch_size * _world_size()
+    per_step = stage.batch_size * (world or _world_size())
     batch = trl.get("generation_batch_size") or per_step * int(
         trl.get("steps_per_generation") or trl.get("gradient_accumulation_steps", 1))
     if k >= 2 and batch % k:
@@ -243,14 +244,41 @@ def posttrain_key(cfg: FlywheelConfig, checkpoint_path: str, plans: list[StagePl
     cadence = {"checkpoint_every", "checkpoint_fraction", "checkpoint_minutes"}  # when to save, not what
     stages = [s.model_dump(mode="json", exclude=cadence) for s in cfg.posttrain.stages]
     precision = [cfg.model.precision] if cfg.model.dtype != "float32" else []  # float32 trains alike either way
+    template = [("chat_template", chat_template_text(cfg))] if cfg.posttrain.chat_template else []
     return fingerprint(POSTTRAIN_VERSION, model_identity(checkpoint_path), stages,
-                       [p.data.fingerprint for p in plans], cfg.seed, cfg.model.dtype, _world_size(), *precision)
+                       [p.data.fingerprint for p in plans], cfg.seed, cfg.model.dtype, _world_size(), *precision,
+                       *template)
 
 
-def _check_chat_template(tok: Any, checkpoint: str) -> None:
+def check_chat_template(tok: Any, checkpoint: str) -> None:
+    """Post-training trains and evaluates conversations: the tokenizer (or posttrain.chat_template) needs a template."""
     if not getattr(tok, "chat_template", None):
-        raise FlywheelError(f"{checkpoint}: the tokenizer has no chat template; post-training trains and "
-                            "evaluates conversations, so use a tokenizer that has one (the tiny world's has)")
+        raise FlywheelError(f"posttrain.chat_template: the tokenizer of {checkpoint} has no chat template and the "
+                            "config names none; post-training trains and evaluates conversations, so set "
+                            "posttrain.chat_template (tulu, or a .jinja file)")
+
+
+def check_reply_markers(cfg: FlywheelConfig, plan: StagePlan, tok: Any) -> None:
+    """SFT on `messages` trains on the replies only, which the template marks with {% generation %}."""
+    if plan.kind == "sft" and "messages" in plan.data.rows[0] and "generation" not in (tok.chat_template or ""):
+        named = f"'{cfg.posttrain.chat_template}'" if cfg.posttrain.chat_template else "the tokenizer's own"
+        raise FlywheelError(f"posttrain.chat_template: {named} template has no {{% generation %}} markers, so "
+                            f"{plan.where} (sft on messages) cannot train on the replies only; set "
+                            "posttrain.chat_template: tulu (or a .jinja file whose replies are marked)")
+
+
+def check_posttrain(cfg: FlywheelConfig) -> None:
+    """What can be checked before a round trains anything: the chat template of the model's tokenizer and every
+    stage's arguments (a misspelt TRL field, a GRPO batch that splits groups). The data is read at the stage."""
+    tokenizer = cfg.model.tokenizer or cfg.model.source
+    if as_ref(tokenizer, MODEL_REF).kind != "world":  # the tiny world's tokenizer is built with its template
+        check_chat_template(load_tokenizer(cfg), tokenizer)
+    spec = cfg.launch.for_stage("posttrain")
+    world = 1 if spec.kind == "local" else (spec.nproc_per_node * spec.nnodes if spec.nproc_per_node else None)
+    for i, stage in enumerate(cfg.posttrain.stages):
+        _, trl = split_args(stage, f"posttrain.stages.{i}")
+        if stage.kind == "grpo" and world is not None:  # accelerate's process count is in its file: checked at the stage
+            _check_groups(stage, trl, f"posttrain.stages.{i}", world)
 
 
 def posttrain(cfg: FlywheelConfig, checkpoint: str | Path, run_dir: Path | None = None,
@@ -262,11 +290,13 @@ def posttrain(cfg: FlywheelConfig, checkpoint: str | Path, run_dir: Path | None 
     t0 = time.perf_counter()
     checkpoint = str(checkpoint)
     source = model_location(cfg, checkpoint)
-    _check_chat_template(load_tokenizer(cfg, source), checkpoint)
+    tok = load_tokenizer(cfg, source)
+    check_chat_template(tok, checkpoint)
     plans = plan_stages(cfg)
     key = posttrain_key(cfg, source, plans)
     run_dir = run_dir or cfg.home / "runs" / cfg.name / f"posttrain-{key}"
     for plan in plans:  # TRL's own checks (e.g. num_generations >= 2) before the first stage trains
+        check_reply_markers(cfg, plan, tok)
         trl_config(cfg, plan, run_dir / f"{plan.index}-{plan.kind}" / "checkpoints")
     results = []
     for plan in plans:

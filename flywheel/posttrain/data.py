@@ -39,15 +39,17 @@ class StageData:
 
 
 def read_source(cfg: FlywheelConfig, ref: Ref | str, split: str = "train", subset: str | None = None,
-                field: str | None = None) -> tuple[list[dict[str, Any]], str, str]:
-    """Rows, a display name and a content fingerprint for `world:<corpus>`, a local file, or a hub dataset."""
+                field: str | None = None, limit: int | None = None) -> tuple[list[dict[str, Any]], str, str]:
+    """Rows, a display name and a content fingerprint for `world:<corpus>`, a local file, or a hub dataset.
+
+    `limit`: only the first rows (a hub dataset is then streamed, never downloaded whole)."""
     ref = as_ref(ref, DATA_REF, field)
     path = local_path(cfg, ref)
     if path is None:
-        return _read_hub(ref.text, split, subset, field)
+        return _read_hub(ref.text, split, subset, field, limit)
     if not path.is_file():
         raise FlywheelError(f"{path}: data file not found; check the path")
-    return _read_file(path), str(path), file_fingerprint(path)
+    return _read_file(path)[:limit], str(path), file_fingerprint(path)
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -57,11 +59,18 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_hub(ref: str, split: str, subset: str | None, field: str | None = None
+def _read_hub(ref: str, split: str, subset: str | None, field: str | None = None, limit: int | None = None
               ) -> tuple[list[dict[str, Any]], str, str]:
     import datasets
 
     check_hub_access(field, ref, "dataset")  # no network or no such id: one sentence at once, not after retries
+    if limit is not None:
+        rows = worded_hub_call(field, ref, lambda: list(datasets.load_dataset(ref, subset, split=split,
+                                                                               streaming=True).take(limit)),
+                               "dataset", f"check the id, the subset and the split ('{split}')")
+        if not rows:
+            raise FlywheelError(f"{ref}: split '{split}' has no rows; choose another split")
+        return rows, ref, fingerprint(ref, subset, split, "first", limit)
     ds = worded_hub_call(field, ref, lambda: datasets.load_dataset(ref, subset, split=split), "dataset",
                          f"check the id, the subset and the split ('{split}')")
     if len(ds) == 0:
@@ -162,13 +171,17 @@ def as_conversation(row: dict[str, Any], keep: tuple[str, ...] | None) -> dict[s
 
 def needed_columns(kind: str, rows: list[dict[str, Any]], rewards_need: tuple[str, ...] = (),
                    on_policy: bool = False) -> tuple[str, ...]:
-    """The columns a stage reads: sft prompt+completion (or messages), dpo prompt+chosen+rejected
-    (prompt+answer when pairs are sampled on-policy), grpo prompt plus what its rewards read."""
+    """The columns a stage reads: sft prompt+completion (or messages), dpo prompt+chosen+rejected (chosen+rejected
+    when both are whole conversations that share their opening turns: TRL takes the prompt from them;
+    prompt+answer when pairs are sampled on-policy), grpo prompt plus what its rewards read."""
     if kind == "sft":
         chat = "messages" in rows[0] and "completion" not in rows[0]
         return ("messages",) if chat else ("prompt", "completion")
     if kind == "dpo":
-        return ("prompt", "answer") if on_policy else ("prompt", "chosen", "rejected")
+        if on_policy:
+            return ("prompt", "answer")
+        implicit = "prompt" not in rows[0] and _is_messages(rows[0].get("chosen"))  # the prompt inside the pairs
+        return ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected")
     return ("prompt", *dict.fromkeys(rewards_need))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from flywheel.config import FlywheelConfig
 from flywheel.errors import FlywheelError
 
@@ -15,20 +13,28 @@ def check_gate_metric(cfg: FlywheelConfig) -> None:
         _check_metric(cfg, guard.metric, f"promotion.guards.{i}.metric")
 
 
+def evaluated_tasks(cfg: FlywheelConfig) -> list[str]:
+    """The lm-eval tasks and groups the evaluation runs (presets expanded), in order."""
+    from flywheel.evaluation.registry import PRESETS
+
+    return list(dict.fromkeys(t for n in cfg.evaluation.tasks for t in ([t for t, _ in PRESETS[n]]
+                                                                         if n in PRESETS else [n])))
+
+
 def _check_metric(cfg: FlywheelConfig, metric: str, field: str) -> None:
-    from flywheel.evaluation.registry import BUNDLED, PRESETS, TASKS_DIR
+    """Known from each task's config (lm-eval's YAML, read without data); a task whose config does not list its
+    metrics lets any name under `eval/<task>/` through (its names are known only after it runs)."""
+    from flywheel.evaluation.registry import reported_metrics
     from flywheel.metrics import AVG, PREFIX, metric_key
 
     if metric == AVG:
         return
-    tasks = [t for n in cfg.evaluation.tasks for t in ([t for t, _ in PRESETS[n]] if n in PRESETS else [n])]
     known: list[str] = [AVG]
-    for task in dict.fromkeys([*cfg.evaluation.tasks, *tasks]):
-        if task in BUNDLED:  # our own task files: their metric_list lines name every metric they report
-            text = (TASKS_DIR / f"{task}.yaml").read_text()
-            known += [metric_key(task, m) for m in re.findall(r"^\s*-\s*metric:\s*(\S+)", text, re.M)]
-        elif task not in PRESETS and metric.startswith(metric_key(task, "")):
-            return  # an lm-eval task whose metric names are known only after it runs
+    for task in evaluated_tasks(cfg):
+        names = reported_metrics(task)
+        if names is None and metric.startswith(metric_key(task, "")):
+            return
+        known += [metric_key(task, m) for m in names or []]
     if metric not in known:
         raise FlywheelError(f"{field}: '{metric}' is not a metric the evaluation reports (tasks "
                             f"{', '.join(cfg.evaluation.tasks)}); use one of {', '.join(known)}"

@@ -14,6 +14,7 @@ from typing import Any
 from flywheel.config import FlywheelConfig
 from flywheel.errors import FlywheelError
 from flywheel.evaluation.run import check_backend
+from flywheel.posttrain.chain import check_posttrain
 from flywheel.round.checks import check_gate_metric
 from flywheel.round.ledger import check_store_history, record_round
 from flywheel.round.settings import round_config
@@ -41,6 +42,7 @@ def plan_round(cfg: FlywheelConfig, round_n: int | None = None) -> RoundPlan:
     """
     check_gate_metric(cfg)
     check_backend(cfg)  # evaluation.backend vllm without vllm or a GPU: one sentence before the round starts
+    check_posttrain(cfg)  # the chat template and every TRL argument, before the anneal rather than after it
     tracker = open_tracker(cfg)
     check_store_history(cfg, tracker)
     tracker.kill_dead_runs()

@@ -62,7 +62,7 @@ def stage_midtrain(cfg: FlywheelConfig, plan: RoundPlan, callbacks: list | None 
         data_tags = records.log_midtrain(tracker, run, rcfg, plan, res)
         version = records.register_base(tracker, cfg, run, plan, res, data_tags)
     failpoint("base-registered")
-    out = {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
+    out = {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key, "reused": res.reused}
     repeat = records.repeated_round(tracker, cfg, plan.round, res.key)
     if repeat is not None:
         out["note"] = _standing_still(plan, repeat)
@@ -132,7 +132,7 @@ def stage_posttrain(cfg: FlywheelConfig, plan: RoundPlan, base: dict[str, Any],
     run_ids = records.log_posttrain(tracker, cfg, plan, res)
     version = records.register_rl(tracker, cfg, run_ids[-1], plan, res, base)
     failpoint("rl-registered")
-    return {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key}
+    return {"checkpoint": str(res.checkpoint), "version": str(version.version), "key": res.key, "reused": res.reused}
 
 
 def stage_promote(cfg: FlywheelConfig, plan: RoundPlan, rl: dict[str, Any], post_eval: dict[str, Any]) -> dict:

@@ -110,7 +110,7 @@ def register_checkpoint(tracker: Tracker, *, model: str, checkpoint: Path, run_i
         tracker.log_artifact(run_id, Path(checkpoint), "checkpoint")
         source = tracker.artifact_uri(run_id, "checkpoint")
     all_tags = {T_ROUND: str(round_n), T_STAGE: stage, T_CONFIG: tracker.cfg.section_hash(),
-                T_CODE: code_version(), T_RUN: run_id, T_KEY: key, **tags}
+                T_CODE: code_version(), T_RUN: run_id, T_KEY: key, **tracker.marks(), **tags}
     version = tracker.client.create_model_version(model, source, run_id=run_id, tags=all_tags)
     tracker.client.set_registered_model_alias(model, f"round-{round_n}", version.version)
     if candidate:

@@ -23,6 +23,7 @@ ROUND_TAG = "flywheel.round"
 STAGE_TAG = "flywheel.stage"
 SYSTEM_METRICS_SECONDS = 10.0  # how often a training stage's system metrics are sampled
 SUMMARY_TAG = "flywheel.summary"
+REHEARSAL_TAG = "flywheel.rehearsal"  # on everything `flywheel rehearse` writes: never a real round's
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -83,13 +84,17 @@ class Tracker:
                                        order_by=["attributes.start_time ASC"])
         return runs[0] if runs else None
 
+    def marks(self) -> dict[str, str]:
+        """Tags every run and model version of this flywheel carries (a rehearsal's mark)."""
+        return {REHEARSAL_TAG: "true"} if self.cfg.tracking.rehearsal else {}
+
     def round_run(self, round_n: int) -> str:
         """The parent run of round N (created once; reruns of the round log into the same run)."""
         found = self._find_run(f"tags.`{ROUND_TAG}` = '{round_n}' and tags.`{STAGE_TAG}` = 'round'")
         if found:
             return found.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"round-{round_n}",
-                                     tags={ROUND_TAG: str(round_n), STAGE_TAG: "round"})
+                                     tags={ROUND_TAG: str(round_n), STAGE_TAG: "round", **self.marks()})
         return run.info.run_id
 
     def summary_run(self) -> str:
@@ -98,7 +103,7 @@ class Tracker:
         if found:
             return found.info.run_id
         return self.client.create_run(self.experiment_id, run_name="flywheel-summary",
-                                      tags={SUMMARY_TAG: "true", STAGE_TAG: "summary"}).info.run_id
+                                      tags={SUMMARY_TAG: "true", STAGE_TAG: "summary", **self.marks()}).info.run_id
 
     @contextmanager
     def stage_run(self, round_n: int, stage: str, params: dict[str, Any] | None = None,
@@ -110,7 +115,8 @@ class Tracker:
         """
         parent = self.round_run(round_n)
         run = self.client.create_run(self.experiment_id, run_name=stage,
-                                     tags={ROUND_TAG: str(round_n), STAGE_TAG: stage, PARENT_TAG: parent})
+                                     tags={ROUND_TAG: str(round_n), STAGE_TAG: stage, PARENT_TAG: parent,
+                                           **self.marks()})
         run_id = run.info.run_id
         if params:
             self.log_params(run_id, params)
