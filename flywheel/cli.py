@@ -439,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         err_console.print("aborted")
         return 130
-    except Exception as exc:  # click usage errors arrive as ClickException
+    except Exception as exc:  # usage errors arrive as ClickException (typer vendors its own click since 0.16)
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click.ClickException | typer.BadParameter):
             exc.show()
             return exc.exit_code
         home = config_home(config_arg) if config_arg else None
