@@ -189,7 +189,8 @@ def _posttrain_stages(cfg: FlywheelConfig, data: dict[str, Any], home: Path, row
         if args.pop("use_vllm", None):
             replaced.append(f"{where}.args.use_vllm: true -> false (vLLM needs a GPU)")
         args = {k: min(v, TEXT_LIMITS[k]) if k in TEXT_LIMITS and isinstance(v, int) else v for k, v in args.items()}
-        args.pop("subset", None), args.pop("split", None)  # the sample is a file of its own now
+        for key in ("subset", "split"):  # the sample is a file of its own now
+            args.pop(key, None)
         if stage.kind == "grpo":
             args |= {"num_generations": 2, "max_completion_length": min(args.get("max_completion_length", 32), 32)}
         args.pop("gradient_accumulation_steps", None)
