@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,33 @@ def test_a_round_refuses_a_misspelt_trl_argument_before_it_starts(small_world, t
     with pytest.raises(FlywheelError, match=r"posttrain.stages.0.args.learning_rat: .*did you mean learning_rate"):
         plan_round(bad)
     assert open_tracker(bad).round_runs() == {}  # refused before the round was recorded
+
+
+STREAM_FIRST_ROWS = """
+import json, sys
+from flywheel.config import validate_config
+from flywheel.posttrain.data import read_source
+cfg = validate_config({"name": "s", "home": sys.argv[1]})
+rows, source, _ = read_source(cfg, "org/gsm", limit=5)
+print(json.dumps({"rows": rows, "source": source}))
+"""
+
+
+def test_a_hub_dataset_is_streamed_for_its_first_rows_and_never_downloaded(tmp_path):
+    """The rehearsal's post-training samples: `read_source(limit=)` streams a hub dataset (here tests/hub_standin.py,
+    with the real datasets and huggingface_hub clients in a process of their own, online) and stops after N rows."""
+    from .hub_standin import HubStandin
+
+    repo = tmp_path / "repo"
+    standins.write_gsm8k(repo / "train.jsonl", n=5000)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                           "TRANSFORMERS_OFFLINE")}
+    with HubStandin({"org/gsm": repo}) as hub:
+        proc = subprocess.run([sys.executable, "-c", STREAM_FIRST_ROWS, str(tmp_path / "home")], cwd=REPO,
+                              capture_output=True, text=True, timeout=300,
+                              env={**env, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = [json.loads(line) for line in (repo / "train.jsonl").read_text().splitlines()[:5]]
+    assert got == {"rows": expected, "source": "org/gsm"}
+    assert not list((tmp_path / "hf").rglob("blobs/*"))  # streamed: nothing of the dataset in the hub cache
