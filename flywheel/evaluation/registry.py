@@ -121,6 +121,17 @@ def reported_metrics(name: str) -> list[str] | None:
     return list(dict.fromkeys(metric_name(f"{metric},{flt}") for metric, flt in pairs))
 
 
+def task_datasets(name: str, depth: int = 0) -> list[str]:
+    """The hub datasets a task reads (a group's: its members'), from lm-eval's index without loading any; []
+    when the index does not say."""
+    entry = full_task_manager()._entry(name)
+    cfg = entry.cfg if entry is not None and isinstance(entry.cfg, dict) else {}
+    if isinstance(cfg.get("dataset_path"), str):
+        return [cfg["dataset_path"]]
+    members = cfg.get("task") if isinstance(cfg.get("task"), list) and depth < 3 else []
+    return list(dict.fromkeys(p for m in members if isinstance(m, str) for p in task_datasets(m, depth + 1)))
+
+
 def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 

@@ -232,12 +232,12 @@ def _reachable(task: str) -> bool:
     """Whether lm-eval can build the task here: its dataset downloaded or cached (the bundled ones always).
     Each dataset is asked of the hub once, without retries (offline: found in the cache or not), before lm-eval
     tries to load it."""
-    from flywheel.evaluation.registry import BUNDLED, full_task_manager
+    from flywheel.evaluation.registry import BUNDLED, full_task_manager, task_datasets
     from flywheel.hub import check_hub_access, hub_cached, offline_switch
 
     if task in BUNDLED:
         return True
-    for path in dict.fromkeys(_dataset_paths(task)):
+    for path in task_datasets(task):
         if offline_switch("dataset") and not hub_cached(path, "dataset"):
             return False
         try:
@@ -251,18 +251,6 @@ def _reachable(task: str) -> bool:
     except Exception:  # noqa: BLE001 - any loader failure (offline, gated, moved) means: not reachable from here
         return False
     return True
-
-
-def _dataset_paths(name: str, depth: int = 0) -> list[str]:
-    """The hub datasets a task reads (a group's: its members'), from lm-eval's index; [] when unknown."""
-    from flywheel.evaluation.registry import full_task_manager
-
-    entry = full_task_manager()._entry(name)
-    cfg = entry.cfg if entry is not None and isinstance(entry.cfg, dict) else {}
-    if isinstance(cfg.get("dataset_path"), str):
-        return [cfg["dataset_path"]]
-    members = cfg.get("task") if isinstance(cfg.get("task"), list) and depth < 3 else []
-    return [p for m in members if isinstance(m, str) for p in _dataset_paths(m, depth + 1)]
 
 
 def _processes(launch: dict[str, Any]) -> int:
