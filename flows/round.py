@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.approval import await_approval, emit_outcome
 from flywheel.config import FlywheelConfig, LaunchSpec, load_config, validate_config
 from flywheel.console import stage_line, stage_log_path, stage_summary, tell, trainer_progress
 from flywheel.errors import FlywheelError, is_permanent_os_error
@@ -252,6 +253,8 @@ def flywheel_round(
     cfg = apply_overrides(load_config(config), objective, token_budget, epsilon, force_promotion)
     data = cfg.model_dump(mode="json")
     check_gate_metric(cfg)  # before waiting for the slot, before any work
+    if (waiting := awaiting_approval(cfg)) is not None:
+        return waiting
     from prefect.runtime import flow_run
 
     # The next round is decided inside the slot, so two triggers become two rounds and a rerun after a kill
@@ -270,9 +273,15 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
         tell(logger.info)("round %s is finished already (RL version %s); nothing to do", plan.round,
                           plan.rl_version)
         return plan.to_json()
+    if (waiting := awaiting_approval(cfg)) is not None:  # the round ahead was left waiting while this one queued
+        return waiting
     tell(logger.info)("round %d%s: %s", plan.round, " (resumed)" if plan.resumed else "",
                       f"ReMiT guided by {plan.reference_version}" if plan.reference_version else "NTP (round 0)")
     results = run_table(data, plan)
+    if results["decision"].get("awaiting"):
+        results["decision"] = await_approval(cfg, plan, results, server=_server_url() is not None)
+    else:
+        emit_outcome(cfg, plan.round, results["decision"])
     decision = results["decision"]
     report = round_report(cfg, plan, results["base_eval"], results["post_eval"], decision,
                           note=results["base"].get("note"))
@@ -280,6 +289,23 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
                              description=f"{cfg.name} round {plan.round}")
     logger.info("round %d done: %s", plan.round, decision["reason"])
     return {**plan.to_json(), **results}
+
+
+def awaiting_approval(cfg: FlywheelConfig) -> dict[str, Any] | None:
+    """A round whose candidate awaits a person's decision holds up the next: say so, and start nothing."""
+    from flywheel.tracking.approval import awaiting
+    from flywheel.tracking.registry import T_ROUND
+    from flywheel.tracking.store import open_tracker
+
+    version = awaiting(open_tracker(cfg))
+    if version is None:
+        return None
+    n = version.tags.get(T_ROUND)
+    tell(get_run_logger().warning)(
+        "round %s awaits approval of %s v%s; decide on its Resume form in the Prefect UI or with `flywheel approve "
+        "CONFIG --round %s --approve|--reject --reason ...`; no new round starts on the old reference",
+        n, version.name, version.version, n)
+    return {"awaiting_approval": int(n), "version": str(version.version)}
 
 
 def run_table(data: dict[str, Any], plan: RoundPlan) -> Results:
@@ -309,6 +335,8 @@ def flywheel(config: str = "configs/demo.yaml", rounds_total: int = 3) -> list[d
     results = []
     while (upcoming := next_round(open_tracker(cfg)).round) < rounds_total:
         results.append(flywheel_round(config))
+        if "awaiting_approval" in results[-1] or (results[-1].get("decision") or {}).get("awaiting"):
+            break  # a person decides before the next round (promotion.approval: required)
         if next_round(open_tracker(cfg)).round <= upcoming:
             raise FlywheelError(f"round {upcoming} did not register an RL model; see the flow run's log")
     return results

@@ -215,6 +215,41 @@ def lineage(
 
 
 @app.command()
+def approve(
+    config: ConfigArg,
+    round_n: Annotated[int, typer.Option("--round", help="The round whose candidate awaits approval.")],
+    decision: Annotated[bool, typer.Option("--approve/--reject", help="Approve (moves @reference) or reject.")],
+    reason: Annotated[str, typer.Option(help="Why: recorded on the version and the round run.")],
+) -> None:
+    """Decide on a round that awaits approval (promotion.approval: required), as its Prefect pause form does."""
+    cfg = _load(config)
+    from flows.approval import decide_from_terminal
+
+    console.print(decide_from_terminal(cfg, round_n, decision, reason), soft_wrap=True, markup=False)
+
+
+@app.command()
+def promote(
+    config: ConfigArg,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Move @reference back.")] = False,
+    to: Annotated[str | None, typer.Option(help="The RL version to restore (default: the one the current "
+                                                "reference replaced).")] = None,
+    reason: Annotated[str, typer.Option(help="Why: recorded on both versions.")] = "",
+) -> None:
+    """Roll @reference back (`--rollback [--to VERSION] --reason ...`); rounds promote by their gate."""
+    cfg = _load(config)
+    if not rollback:
+        raise FlywheelError("promote: rounds promote through their gate (or `flywheel approve`); pass --rollback "
+                            "[--to VERSION] --reason ... to move @reference back")
+    from flywheel.tracking.approval import rollback as roll_back
+    from flywheel.tracking.store import open_tracker
+
+    done = roll_back(open_tracker(cfg), reason, to)
+    console.print(f"{done.model}@reference: v{done.left} → v{done.restored} ({done.reason}); the next round plans "
+                  f"with v{done.restored}", soft_wrap=True, markup=False)
+
+
+@app.command()
 def ui(
     config: ConfigArg,
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,

@@ -269,11 +269,15 @@ class EvaluationConfig(Section):
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
+    # Bits per byte of the gold solution (eval/<task>/bpb) beside the score of each task that has one
+    # (evaluation/likelihood.GOLD_TARGETS): one loglikelihood request per item, lower is better.
+    likelihood: bool = True
 
     def cache_fields(self) -> dict:
-        """The settings that decide the scores, for cache keys (backend only when not the default hf, so scores
-        kept before it existed stay valid)."""
-        return self.model_dump(mode="json", exclude={"backend"} if self.backend == "hf" else None)
+        """The settings that decide the scores, for cache keys (backend only when not the default hf, likelihood
+        only when on, so scores kept before either existed stay valid)."""
+        exclude = ({"backend"} if self.backend == "hf" else set()) | (set() if self.likelihood else {"likelihood"})
+        return self.model_dump(mode="json", exclude=exclude or None)
 
 
 class TrackingConfig(Section):
@@ -308,6 +312,12 @@ class PromotionConfig(Section):
     resamples: int = Field(2000, ge=100)  # bootstrap resamples of the items
     force: bool = False
     guards: list[PromotionGuard] = Field(default_factory=list)  # checked on point estimates, after the metric
+    # auto: the gate's verdict moves @reference. required: the gate recommends, a person decides (the Prefect
+    # UI's pause form, or `flywheel approve`); the round waits up to approval_timeout seconds, then on_timeout
+    # rejects the candidate or leaves it waiting without a process (decided later with `flywheel approve`).
+    approval: Literal["auto", "required"] = "auto"
+    approval_timeout: int = Field(86400, ge=1)
+    on_timeout: Literal["reject", "wait"] = "reject"
 
     @model_validator(mode="after")
     def _guards_differ(self) -> PromotionConfig:
@@ -630,10 +640,16 @@ def _launch_summary(launch: LaunchConfig) -> str:
 
 
 def _rule_summary(p: PromotionConfig) -> str:
+    from flywheel.metrics import higher_is_better
+
+    higher = higher_is_better(p.metric)
+    approval = "" if p.approval == "auto" else f"; approval required (timeout {p.approval_timeout} s: {p.on_timeout})"
     if p.rule == "point":
-        return f"point estimates, min_delta {p.min_delta:g}"
-    bound = f"-{p.min_delta:g}" if p.rule == "noninferior" else "0"
-    return f"{p.rule}: {p.confidence:.0%} paired-bootstrap interval's low end > {bound}"
+        return f"point estimates, min_delta {p.min_delta:g}{approval}"
+    margin = p.min_delta if p.rule == "noninferior" else 0.0
+    end = "low end >" if higher else "high end <"
+    bound = f"{-margin if higher else margin:+g}" if margin else "0"
+    return f"{p.rule}: {p.confidence:.0%} paired-bootstrap interval's {end} {bound}{approval}"
 
 
 def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:

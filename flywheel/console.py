@@ -330,6 +330,9 @@ def stage_summary(cfg: Any, stage: str) -> Callable[[StageLine], str]:
             metric = cfg.promotion.metric if cfg.promotion.metric in metrics else next(iter(metrics), None)
             return f"{metric} {metrics[metric]:.4f}" if metric else "no metrics"
         if stage == "promote":
+            if out.get("awaiting"):
+                return (f"awaiting approval of {cfg.name}-rl v{out.get('version')} "
+                        f"(the gate recommends {'promote' if out.get('promoted') else 'reject'})")
             if out.get("promoted"):  # the reason follows: the round's verdict line, or the round table's
                 return f"promoted {cfg.name}-rl v{out.get('version')}"
             return f"rejected {cfg.name}-rl v{out.get('version')}, kept v{out.get('previous')}"

@@ -17,6 +17,10 @@ PREFIX = "eval/"
 AVG = "eval/avg"  # the promotion gate's default metric (config.PromotionConfig.metric)
 STDERR_MARK = "_stderr,"
 DEFAULT_FILTER = "none"
+# Metrics where a smaller value is the better model: likelihoods per byte or word (evaluation/likelihood.py's
+# bpb, lm-eval's perplexity tasks). Every other metric is an accuracy-like score, higher is better.
+GOLD_BPB = "bpb"  # bits per byte of a task's gold solution, added beside its scores (evaluation/likelihood.py)
+LOWER_IS_BETTER = frozenset({GOLD_BPB, "bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity"})
 
 # The score each task is judged by, as flat metric names. Tasks not listed use their first metric.
 PRIMARY_METRICS: dict[str, str] = {
@@ -67,12 +71,20 @@ def task_metrics(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def primary_metric(task: str, available: Iterable[str] = ()) -> str | None:
-    """The flat metric a task is judged by: the listed one if the run reported it, else the run's first metric."""
-    available = list(available)
+    """The flat metric a task is judged by: the listed one if the run reported it, else the run's first metric
+    (never the gold-solution bpb flywheel adds beside a task's own scores, so it never enters `eval/avg`)."""
+    given = list(available)
+    available = [m for m in given if m != GOLD_BPB]
     listed = PRIMARY_METRICS.get(task)
-    if listed and (not available or listed in available):
+    if listed and (not given or listed in available):
         return listed
     return available[0] if available else None
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of a flat metric is better, judged by its last path part: `eval/world_gsm/bpb` is
+    not (LOWER_IS_BETTER), `eval/world_gsm/exact_match` and `eval/avg` (a mean of primary scores) are."""
+    return metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER
 
 
 def top_level(results: Mapping[str, Any]) -> list[str]:

@@ -173,9 +173,15 @@ def posttrain_report(console: Console, res: Any) -> None:
 
 
 def round_outcome(console: Console, result: dict[str, Any]) -> None:
-    """One round's verdict line and, when the flywheel stood still, the note."""
-    console.print(f"round {result['round']}: " + (result.get("decision") or {}).get("reason", "already finished"),
-                  soft_wrap=True)
+    """One round's verdict line (or that a round awaits approval) and, when the flywheel stood still, the note."""
+    if "awaiting_approval" in result:  # nothing started: the flow said which round waits and how to decide
+        return
+    decision = result.get("decision") or {}
+    verdict = decision.get("reason", "already finished")
+    if decision.get("awaiting"):
+        verdict = (f"awaits approval (the gate recommends {'promote' if decision['promoted'] else 'reject'}: "
+                   f"{verdict})")
+    console.print(f"round {result['round']}: {verdict}", soft_wrap=True)
     notes(console, [result])
 
 

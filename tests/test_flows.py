@@ -173,6 +173,127 @@ def test_deployments_triggered_through_the_api_turn_the_flywheel(prefect_server,
         assert speed and all(m.value > 0 for m in speed), (stage, speed)
 
 
+def _wait_state(client, run_id, done, what: str, timeout: float = 600):  # noqa: ANN001, ANN202
+    deadline = time.time() + timeout
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and done(run.state):
+            return run
+        assert time.time() < deadline, f"flow run never {what}: {run.state}"
+        time.sleep(1)
+
+
+def _wait_for(condition, what: str, timeout: float = 30) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"never saw {what}"
+        time.sleep(1)
+
+
+def _log_text(client, run_id) -> str:  # noqa: ANN001
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return "\n".join(entry.message for entry in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))))
+
+
+def _notify_automation(name: str):  # noqa: ANN202
+    """The notification automation docs/rounds.md shows, created on the test's server (disabled: nothing is sent)."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import SlackWebhook
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import EventTrigger
+
+    block_id = SlackWebhook(url="https://hooks.slack.com/services/T0/B0/x").save("flywheel-team", overwrite=True)
+    return Automation(
+        name=f"{name}: a round awaits approval", enabled=False,
+        trigger=EventTrigger(expect={"flywheel.round.awaiting-approval"},
+                             match={"prefect.resource.id": f"flywheel.{name}"}, posture="Reactive", threshold=1),
+        actions=[SendNotification(block_document_id=block_id, subject=f"flywheel {name}",
+                                  body="Round {{ event.payload.round }} awaits approval: {{ event.payload.reason }}")],
+    ).create()
+
+
+def test_a_served_round_with_approval_required_pauses_with_its_evidence_and_a_person_or_the_timeout_decides(
+        prefect_server, small_world, tmp_path):
+    """Round 0 approved on the pause form (through the API), round 1 rejected with `flywheel approve` while a trigger
+    is turned away, round 2 rejected by the timeout; every outcome an event on the flywheel's resource."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.approval import decide_from_terminal
+    from flywheel.config import load_config
+
+    cfg, _ = small_world
+    promotion = {**TINY_ROUND["promotion"], "approval": "required", "approval_timeout": 60}
+    config = write_config(tmp_path / "fw.yaml", cfg.home, "approved", promotion=promotion)
+    env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed with the server
+    server = subprocess.Popen([str(BIN / "flywheel"), "serve", str(config)], env=env, cwd=REPO,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tracker = _registry(config)
+
+    def reference() -> str | None:
+        from flywheel.tracking.registry import get_alias
+
+        ref = get_alias(tracker, "approved-rl", "reference")
+        return None if ref is None else str(ref.version)
+
+    def trigger():  # noqa: ANN202
+        return run_deployment("flywheel-round/flywheel-round", parameters={"config": str(config)}, timeout=0)
+
+    try:
+        _wait_for_deployments(server, tmp_path / "serve.log")
+        automation = _notify_automation("approved")  # docs/rounds.md's example, against this server
+        with get_client(sync_client=True) as client:
+            r0 = _wait_state(client, trigger().id, lambda s: s.is_paused(), "paused")
+            evidence = client.read_artifacts()
+            text = next(a.data for a in evidence if a.key == "approved-round-0-approval")
+            assert "The gate recommends **promote**: first reference of this flywheel" in text
+            assert "flywheel approve CONFIG --round 0" in text and reference() is None  # nothing moved yet
+            resume_flow_run(r0.id, run_input={"decision": "approve", "reason": "first reference looks sane",
+                                              "by": "ana"})
+            assert _wait_state(client, r0.id, lambda s: s.is_final(), "finished").state.is_completed()
+            v0 = tracker.client.get_model_version("approved-rl", "1")
+            assert reference() == "1" and v0.tags["flywheel.approval"] == "approved"
+            assert v0.tags["flywheel.approval.by"] == "ana" and "first reference looks sane" in v0.tags["flywheel.promotion"]
+
+            r1 = _wait_state(client, trigger().id, lambda s: s.is_paused(), "paused")
+            text = next(a.data for a in client.read_artifacts() if a.key == "approved-round-1-approval")
+            assert "| eval/avg |" in text and "interval" in text  # the paired reading, with its interval
+            late = _wait_state(client, trigger().id, lambda s: s.is_final(), "finished")  # turned away, not queued
+            assert late.state.is_completed()
+            _wait_for(lambda: "round 1 awaits approval of approved-rl v2" in _log_text(client, late.id), "its log")
+            assert len(tracker.client.search_model_versions("name = 'approved-rl'")) == 2  # no round 2 on v1
+            line = decide_from_terminal(load_config(config), 1, False, "worse on our private set")
+            assert line.startswith("round 1: rejected: rejected by ") and "resumed" in line
+            assert _wait_state(client, r1.id, lambda s: s.is_final(), "finished").state.is_completed()
+            v1 = tracker.client.get_model_version("approved-rl", "2")
+            assert reference() == "1" and v1.tags["flywheel.approval.reason"] == "worse on our private set"
+
+            r2 = _wait_state(client, trigger().id, lambda s: s.is_paused(), "paused")
+            t0 = time.time()
+            assert _wait_state(client, r2.id, lambda s: s.is_final(), "finished").state.is_completed()
+            assert time.time() - t0 > 30  # it waited for the 60 s timeout
+            v2 = tracker.client.get_model_version("approved-rl", "3")
+            assert v2.tags["flywheel.approval"] == "timed out" and reference() == "1"
+            assert v2.tags["flywheel.promotion"].startswith("rejected: timed out by timeout: no decision within 60 s")
+            expected = sorted(["flywheel.round.awaiting-approval"] * 3 + ["flywheel.round.promoted"]
+                              + ["flywheel.round.rejected"] * 2)
+
+            def events() -> list[str]:  # the server stores events a moment after the runs end
+                found = client.read_events(EventFilter(resource=EventResourceFilter(id=["flywheel.approved"]),
+                                                       event=EventNameFilter(prefix=["flywheel.round."])), limit=50)
+                return sorted(e.event for e in found.events)
+
+            _wait_for(lambda: events() == expected, f"the six outcome events (got {events()})")
+    finally:
+        stop([server])
+        log.close()
+    assert automation.id is not None and automation.trigger.expect == {"flywheel.round.awaiting-approval"}
+
+
 def _weights(folder: Path):
     from safetensors.torch import load_file
 

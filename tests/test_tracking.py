@@ -67,10 +67,11 @@ def items_file(folder: Path, score: float, n: int = 200, protocol: dict | None =
 
 
 def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_version=None, key=None, metrics=None,
-                   items_uri=None):
+                   items_uri=None, before_promote=None):
     """What a round leaves in MLflow: a mid-trained base, an RL candidate, evaluation, promotion.
 
     `items_uri`: a per-item scores file (default: one whose mean is `score`), or "" for an evaluation without them.
+    `before_promote`: called between registration and the gate (to damage a checkpoint registered by reference).
     """
     cfg = tracker.cfg
     items_uri = items_file(cfg.home / "items", score) if items_uri is None else items_uri
@@ -92,6 +93,8 @@ def simulate_round(tracker, round_n, base_ckpt, rl_ckpt, score, reference_versio
         with tracker.stage_run(round_n, "evaluate/post") as run:
             tracker.log_artifact(run, Path(items_uri), "eval")
             items_uri = tracker.artifact_uri(run, f"eval/{Path(items_uri).name}")
+    if before_promote is not None:
+        before_promote()
     with tracker.stage_run(round_n, "promote"):
         decision = promote(tracker, rl_v, metrics or {"eval/avg": score}, round_run_id=tracker.round_run(round_n),
                            items_uri=items_uri or None)
@@ -165,7 +168,9 @@ def test_the_paired_gate_records_its_interval_on_the_version_and_round_run_and_t
         assert float(tags[T_GATE + "ci_low"]) < 0.15 < float(tags[T_GATE + "ci_high"])
     assert version.tags[T_ITEMS].endswith("/eval/" + Path(version.tags[T_ITEMS]).name)  # an artefact of the run
     row = next(line for line in compare(tracker, out_dir=tmp_path / "rep").text.splitlines() if line.startswith("gate"))
-    assert row.split(" | ")[1:3] == ["–", f"+0.1500 ± {d1.interval.half_width:.4f}"]
+    ratio = 0.15 / d1.interval.half_width
+    assert row.split(" | ")[:3] == ["gate: eval/avg Δ ± half-width (ratio)", "–",
+                                    f"+0.1500 ± {d1.interval.half_width:.4f} ({ratio:.2f})"]
 
 
 def test_a_reference_of_another_protocol_or_without_items_is_refused_unless_forced_or_point(tmp_path, checkpoints):

@@ -22,6 +22,7 @@ from flywheel.config import FlywheelConfig
 from flywheel.data.io import distributed_rank, fingerprint, write_json, write_jsonl
 from flywheel.errors import FlywheelError
 from flywheel.evaluation.items import ITEMS_FILE, item_scores
+from flywheel.evaluation.likelihood import companions, fold
 from flywheel.evaluation.registry import UNSAFE, TaskSpec, resolve_tasks, task_manager
 from flywheel.metrics import AVG, by_task, flatten_results, primary_metric
 
@@ -162,6 +163,8 @@ def _sample_rows(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for s in samples:
             args = s["arguments"]
             row: dict[str, Any] = {"task": task, "doc_id": s["doc_id"], "prompt": args[0][0]}
+            if "request" in s:  # a gold-likelihood request beside the task's own (evaluation/likelihood.py)
+                row["request"] = s["request"]
             continuations = [a[1] for a in args if isinstance(a[1], str)]
             if continuations:
                 row["continuations"] = continuations
@@ -211,13 +214,15 @@ def evaluate(cfg: FlywheelConfig, checkpoint: str | Path, *, kind: Kind = "base"
         return EvalResult({}, None, None, kind, model, time.perf_counter() - t0, backend=backend)
     tm = task_manager(specs)
     tasks = _load_tasks(specs, kind, cfg, tm)
+    extra = companions(tasks) if cfg.evaluation.likelihood else []  # gold-solution bpb, folded in below
     try:
-        results = _simple_evaluate(cfg, kind, specs, tasks, tm, model, tokenizer)
+        results = _simple_evaluate(cfg, kind, specs, tasks + extra, tm, model, tokenizer)
     except OSError as exc:  # transformers reports a missing or unreadable model as OSError
         raise FlywheelError(f"{checkpoint}: could not load the model ({str(exc).splitlines()[0]})") from None
 
     if results is None:  # a rank other than 0 of a data-parallel run: lm-eval gathered its scores on rank 0
         return EvalResult({}, None, None, kind, model, time.perf_counter() - t0, backend=backend)
+    fold(results, {c.config.task: c.parent_name for c in extra})  # before anything reads the results
     metrics = flatten_results(results)
     folder = Path(out_dir) if out_dir is not None else eval_dir(cfg, model, kind)
     samples_path = folder / SAMPLES_FILE

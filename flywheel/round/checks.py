@@ -24,6 +24,7 @@ def evaluated_tasks(cfg: FlywheelConfig) -> list[str]:
 def _check_metric(cfg: FlywheelConfig, metric: str, field: str) -> None:
     """Known from each task's config (lm-eval's YAML, read without data); a task whose config does not list its
     metrics lets any name under `eval/<task>/` through (its names are known only after it runs)."""
+    from flywheel.evaluation.likelihood import GOLD_TARGETS, METRIC
     from flywheel.evaluation.registry import reported_metrics
     from flywheel.metrics import AVG, PREFIX, metric_key
 
@@ -35,6 +36,8 @@ def _check_metric(cfg: FlywheelConfig, metric: str, field: str) -> None:
         if names is None and metric.startswith(metric_key(task, "")):
             return
         known += [metric_key(task, m) for m in names or []]
+        if cfg.evaluation.likelihood and task in GOLD_TARGETS:  # the gold solution's bits per byte beside them
+            known.append(metric_key(task, METRIC))
     if metric not in known:
         raise FlywheelError(f"{field}: '{metric}' is not a metric the evaluation reports (tasks "
                             f"{', '.join(cfg.evaluation.tasks)}); use one of {', '.join(known)}"

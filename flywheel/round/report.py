@@ -19,11 +19,25 @@ def round_report(cfg: FlywheelConfig, plan: RoundPlan, base_eval: dict, post_eva
         rows.append(f"| {k} | {'' if b is None else f'{b:.4f}'} | {'' if r is None else f'{r:.4f}'} |")
     guide = plan.reference_version or "none (NTP round)"
     run = tracker.round_run(plan.round)
+    verdict = "promoted" if decision["promoted"] else "kept the reference"
+    if decision.get("awaiting"):
+        verdict = f"awaits approval (the gate recommends {'promote' if decision['promoted'] else 'reject'})"
     return "\n".join([
         f"# {cfg.name}: round {plan.round}",
-        f"Reference: `{guide}`. Promotion: **{'promoted' if decision['promoted'] else 'kept the reference'}** — "
-        f"{decision['reason']}.",
+        f"Reference: `{guide}`. Promotion: **{verdict}** — {decision['reason']}.",
         *([f"Note: {note}."] if note else []),
-        "", *rows, "",
+        "", *rows, "", *_readings(decision.get("readings") or {}),
         f"MLflow: experiment `{cfg.name}`, round run `{run}` (tracking URI `{tracking_uri(cfg)}`).",
     ])
+
+
+def _readings(readings: dict[str, dict[str, Any]]) -> list[str]:
+    """The gate's paired intervals (the promotion metric's and each guard's), with |Δ| over the half-width: above 1
+    the interval excludes zero, so the gate can tell the two models apart on that metric."""
+    if not readings:
+        return []
+    rows = ["| gate reading | Δ candidate − reference | ± half-width | |Δ| / half-width |", "|---|---|---|---|"]
+    for m, r in readings.items():
+        half = (r["high"] - r["low"]) / 2
+        rows.append(f"| {m} | {r['delta']:+.4f} | {half:.4f} | {abs(r['delta']) / half if half else float('inf'):.2f} |")
+    return [*rows, ""]

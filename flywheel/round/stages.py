@@ -21,7 +21,7 @@ from flywheel.round import records
 from flywheel.round.measures import evaluation_memo, round_kl
 from flywheel.round.settings import round_config
 from flywheel.tracking.compare import log_round_metrics, log_round_values
-from flywheel.tracking.registry import RoundPlan, promote, rl_model_name
+from flywheel.tracking.registry import PromotionDecision, RoundPlan, promote, rl_model_name
 from flywheel.tracking.store import Tracker, open_tracker
 
 
@@ -143,6 +143,13 @@ def stage_promote(cfg: FlywheelConfig, plan: RoundPlan, rl: dict[str, Any], post
         round_run = tracker.round_run(plan.round)
         d = promote(tracker, candidate, post_eval["metrics"], round_run_id=round_run,
                     items_uri=post_eval.get("items_uri"))
-        tracker.set_tags(run, {"promoted": d.promoted, "reason": d.reason})
+        tracker.set_tags(run, {"promoted": d.promoted, "reason": d.reason, "awaiting": d.awaiting})
+    return decision_result(d)
+
+
+def decision_result(d: PromotionDecision) -> dict[str, Any]:
+    """A promotion decision as the round's result: JSON-able; with `awaiting` the gate's recommendation, which
+    a person decides on (promotion.approval: required)."""
     return {"promoted": d.promoted, "reason": d.reason, "version": d.candidate_version,
-            "previous": d.previous_version, "interval": d.interval.to_dict() if d.interval else None}
+            "previous": d.previous_version, "interval": d.interval.to_dict() if d.interval else None,
+            "readings": {m: r.to_dict() for m, r in d.readings.items()}, "awaiting": d.awaiting}

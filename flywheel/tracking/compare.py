@@ -57,6 +57,30 @@ def _gate_cell(tags: dict[str, str]) -> str:
     return f"{delta:+.4f} ± {(high - low) / 2:.4f}"
 
 
+def _readings(tags: dict[str, str]) -> dict[str, str]:
+    """{metric: `+0.0120 ± 0.0431 (0.28)`} from a round run's `flywheel.promotion.readings` tag."""
+    import json
+
+    out = {}
+    for m, r in json.loads(tags.get("flywheel.promotion.readings", "{}")).items():
+        half = (r["high"] - r["low"]) / 2
+        out[m] = f"{r['delta']:+.4f} ± {half:.4f} ({abs(r['delta']) / half if half else float('inf'):.2f})"
+    return out
+
+
+def _gate_lines(tags: dict[int, dict[str, str]]) -> list[str]:
+    """The gate's rows (each paired metric, |Δ| / half-width beside it) and each round's verdict."""
+    readings = {n: _readings(t) for n, t in tags.items()}
+    measured = list(dict.fromkeys(m for r in readings.values() for m in r))
+    lines = [" | ".join([f"gate: {m} Δ ± half-width (ratio)", *(r.get(m, "–") for r in readings.values()), "–", "–"])
+             for m in measured]  # the gate's metric and its guards'
+    gate = [_gate_cell(t) for t in tags.values()]
+    if not measured and any(c != "–" for c in gate):  # rounds decided before the gate recorded its readings
+        lines.append(" | ".join(["gate: Δ vs reference ± CI half-width", *gate, "–", "–"]))
+    lines += [f"round {n}: {t['flywheel.promotion']}" for n, t in tags.items() if t.get("flywheel.promotion")]
+    return lines
+
+
 def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str | tuple[str, ...] = "") -> Comparison:
     """Read every round's metrics from MLflow, tabulate deltas vs the previous round and round 0, plot, log both."""
     runs = tracker.round_runs()
@@ -76,13 +100,7 @@ def compare(tracker: Tracker, out_dir: Path | None = None, prefix: str | tuple[s
         d_prev = last - prev if last is not None and prev is not None else None
         d_first = last - first if last is not None and first is not None and len(row) > 1 else None
         lines.append(" | ".join([m, *(_fmt(v) for v in row), _fmt(d_prev, True), _fmt(d_first, True)]))
-    gate = [_gate_cell(runs[n].data.tags) for n in rounds]
-    if any(c != "–" for c in gate):
-        lines.append(" | ".join(["gate: Δ vs reference ± CI half-width", *gate, "–", "–"]))
-    for n in rounds:
-        promo = runs[n].data.tags.get("flywheel.promotion")
-        if promo:
-            lines.append(f"round {n}: {promo}")
+    lines += _gate_lines({n: runs[n].data.tags for n in rounds})
     result = Comparison(rounds, metrics, values, "\n".join(lines))
     if not rounds:
         result.text = "no rounds recorded yet"

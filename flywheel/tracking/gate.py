@@ -9,6 +9,9 @@ resampling each task's items with replacement (stratified, so every resample kee
 
 Rules (promotion.rule): `noninferior` promotes when the interval's low end is above -min_delta,
 `superior` when it is above 0, `point` when value >= reference - min_delta (intervals still shown).
+A metric where lower is better (bits per byte, perplexity: `metrics.higher_is_better`) is judged
+mirrored: its interval's high end below +min_delta (noninferior) or 0 (superior), or value <=
+reference + min_delta (point). The difference shown is always candidate − reference, as measured.
 """
 
 from __future__ import annotations
@@ -92,15 +95,23 @@ def paired_delta(candidate: Mapping[str, Any], reference: Mapping[str, Any], met
 
 
 def passes(rule: str, min_delta: float, value: float, reference_value: float | None,
-           interval: PairedDelta | None, ref_name: str = "reference") -> tuple[bool, str]:
-    """Whether a candidate passes the rule, and the words that say why."""
+           interval: PairedDelta | None, ref_name: str = "reference", higher: bool = True) -> tuple[bool, str]:
+    """Whether a candidate passes the rule, and the words that say why (`higher`: the metric's direction)."""
+    direction = "" if higher else " (lower is better)"
     if rule == "point":
         if reference_value is None:
             return True, f"{value:.4f} ({ref_name} has no value to compare with)"
-        ok = value >= reference_value - min_delta
-        return ok, f"{value:.4f} {'>=' if ok else '<'} {ref_name} {reference_value:.4f} - min_delta {min_delta:g}"
+        if higher:
+            ok = value >= reference_value - min_delta
+            return ok, f"{value:.4f} {'>=' if ok else '<'} {ref_name} {reference_value:.4f} - min_delta {min_delta:g}"
+        ok = value <= reference_value + min_delta
+        return ok, (f"{value:.4f} {'<=' if ok else '>'} {ref_name} {reference_value:.4f} + min_delta {min_delta:g}"
+                    f"{direction}")
     if interval is None:
         raise ValueError(f"rule {rule} needs the paired interval")
-    bound = -min_delta if rule == "noninferior" else 0.0
-    ok = interval.low > bound
-    return ok, f"{interval.text()}: low end {'>' if ok else '<='} {bound:+g} ({rule})"
+    margin = min_delta if rule == "noninferior" else 0.0
+    if higher:
+        ok = interval.low > -margin
+        return ok, f"{interval.text()}: low end {'>' if ok else '<='} {-margin:+g} ({rule})"
+    ok = interval.high < margin
+    return ok, f"{interval.text()}: high end {'<' if ok else '>='} {margin:+g} ({rule}{direction})"

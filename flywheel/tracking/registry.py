@@ -9,8 +9,9 @@ everything it needs from here (`next_round`), never from local files or flow par
 from __future__ import annotations
 
 import fcntl
+import functools
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ T_METRIC_PREFIX = "flywheel.metric."
 T_PREVIOUS = "flywheel.previous_reference"
 T_ITEMS = "flywheel.eval_items"  # where the version's per-item evaluation scores are (an artefact URI)
 T_GATE = "flywheel.promotion."  # + rule, delta, ci_low, ci_high, items, confidence: the paired gate's numbers
+T_READINGS = "flywheel.promotion.readings"  # JSON {metric: {delta, low, high}}: the metric's and each guard's interval
+T_RECOMMENDATION = "flywheel.promotion.recommendation"  # the gate's verdict while a person decides (approval)
+T_APPROVAL = "flywheel.approval"  # awaiting | approved | rejected | timed out; .by, .at, .reason, .flow_run beside it
+AWAITING = "awaiting"
 
 
 def base_model_name(cfg: FlywheelConfig) -> str:
@@ -154,10 +159,21 @@ class PromotionDecision:
     previous_value: float | None
     reason: str
     interval: PairedDelta | None = None
+    readings: dict[str, PairedDelta] = field(default_factory=dict)  # the metric's and each guard's paired interval
+    awaiting: bool = False  # promotion.approval required: this is the gate's recommendation, a person decides
+    blocked: bool = False  # the weights are not finite: no person can approve it either
 
     def gate_tags(self, rule: str) -> dict[str, str]:
-        """`flywheel.promotion.<rule|delta|ci_low|ci_high|items|confidence>`: what the decision rested on."""
+        """`flywheel.promotion.<rule|delta|ci_low|ci_high|items|confidence|readings>`: what the decision rested on."""
+        import json
+
         tags = {T_GATE + "rule": rule}
+        if self.blocked:
+            tags[T_GATE + "blocked"] = "true"
+        if self.readings:
+            tags[T_READINGS] = json.dumps({m: {"delta": round(r.delta, 6), "low": round(r.low, 6),
+                                               "high": round(r.high, 6), "items": r.items}
+                                           for m, r in self.readings.items()})
         if self.interval is not None:
             iv = self.interval
             tags |= {T_GATE + "delta": f"{iv.delta:.6f}", T_GATE + "ci_low": f"{iv.low:.6f}",
@@ -209,6 +225,8 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
 
     `items_uri` names the candidate's per-item scores (evaluation/items.py); it is recorded on the
     version, so the next round's gate pairs its candidate with this one item by item.
+    With `promotion.approval: required` (and no force) the gate's verdict is recorded as a recommendation
+    and the version tagged awaiting: `@reference` stays until a person decides (tracking/approval.py).
     Re-entrant: the verdict is written on the version before the alias moves, and the round run's
     tag last, so a promote killed at any point finishes what it decided when the round is rerun.
     """
@@ -219,50 +237,85 @@ def promote(tracker: Tracker, candidate: Any, metrics: dict[str, float], round_r
     if metric not in metrics:
         raise FlywheelError(f"promotion.metric: '{metric}' is not among the candidate's metrics "
                             f"({', '.join(sorted(metrics)) or 'none'}); pick one of those")
-    value = float(metrics[metric])
     client = tracker.client
     with _promotion_lock(cfg):
         candidate = client.get_model_version(model, str(candidate.version))  # fresh tags: a rerun sees the verdict
         recorded = candidate.tags.get(T_PROMOTION)
         if recorded is None or (force and not recorded.startswith("promoted")):  # force re-decides a rejection
-            for k, v in metrics.items():
-                client.set_model_version_tag(model, str(candidate.version), T_METRIC_PREFIX + k, str(v))
-            if items_uri:
-                client.set_model_version_tag(model, str(candidate.version), T_ITEMS, items_uri)
-                candidate = client.get_model_version(model, str(candidate.version))
-            decision = _decide(tracker, candidate, value, force, metrics)
-            verdict = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
-            gate = decision.gate_tags(cfg.promotion.rule)
-            for k, v in gate.items():
-                client.set_model_version_tag(model, str(candidate.version), k, v)
-            client.set_model_version_tag(model, str(candidate.version), T_PREVIOUS, decision.previous_version or "")
-            client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, verdict)
-        else:  # decided before a crash: carry out the recorded verdict, never decide twice
-            verdict = recorded
-            previous = candidate.tags.get(T_PREVIOUS) or None
-            prev_value = None
-            if previous:
-                prev_value = version_metric(client.get_model_version(model, previous), metric)
-            decision = PromotionDecision(recorded.startswith("promoted"), str(candidate.version), previous, value,
-                                         prev_value, recorded.split(": ", 1)[-1])
+            decision, gate = _judge(tracker, candidate, metrics, force, items_uri)
+            if cfg.promotion.approval == "required" and not force:
+                return _await_person(tracker, candidate, decision, gate, round_run_id)
+            recorded = ("promoted: " if decision.promoted else "rejected: ") + decision.reason
+            client.set_model_version_tag(model, str(candidate.version), T_PROMOTION, recorded)
+        else:  # decided before a crash (or by a person): carry out the recorded verdict, never decide twice
+            decision = recorded_decision(tracker, candidate)
             gate = {k: v for k, v in candidate.tags.items() if k.startswith(T_GATE)}
-        from flywheel.failpoints import failpoint
-
-        failpoint("promote")  # crash test: killed between the recorded verdict and the alias move
-        if decision.promoted:
-            client.set_registered_model_alias(model, "reference", str(candidate.version))
-        pending = get_alias(tracker, model, "candidate")
-        if pending is not None and str(pending.version) == str(candidate.version):
-            client.delete_registered_model_alias(model, "candidate")  # promotion has decided
-        if round_run_id:
-            tracker.set_tags(round_run_id, {**gate, T_PROMOTION: verdict,
-                                            "flywheel.promoted": str(decision.promoted).lower()})
-            client.set_terminated(round_run_id, "FINISHED")  # decided: a resumed round's run ends here too
+        carry_out(tracker, candidate, decision, recorded, gate, round_run_id)
     return decision
 
 
-def _interval(tracker: Tracker, candidate: Any, current: Any) -> PairedDelta:
-    """The paired bootstrap of candidate − reference on `promotion.metric` (NotComparable when it cannot be)."""
+def _judge(tracker: Tracker, candidate: Any, metrics: dict[str, float], force: bool,
+           items_uri: str | None) -> tuple[PromotionDecision, dict[str, str]]:
+    """The gate on a fresh candidate: its metrics and items recorded on the version, then the decision's numbers."""
+    model, version = rl_model_name(tracker.cfg), str(candidate.version)
+    client = tracker.client
+    for k, v in metrics.items():
+        client.set_model_version_tag(model, version, T_METRIC_PREFIX + k, str(v))
+    if items_uri:
+        client.set_model_version_tag(model, version, T_ITEMS, items_uri)
+        candidate = client.get_model_version(model, version)
+    decision = _decide(tracker, candidate, float(metrics[tracker.cfg.promotion.metric]), force, metrics)
+    gate = decision.gate_tags(tracker.cfg.promotion.rule)
+    for k, v in gate.items():
+        client.set_model_version_tag(model, version, k, v)
+    client.set_model_version_tag(model, version, T_PREVIOUS, decision.previous_version or "")
+    return decision, gate
+
+
+def _await_person(tracker: Tracker, candidate: Any, decision: PromotionDecision, gate: dict[str, str],
+                  round_run_id: str | None) -> PromotionDecision:
+    """promotion.approval required: the gate's verdict becomes a recommendation; the version waits for a person."""
+    model, version = rl_model_name(tracker.cfg), str(candidate.version)
+    recommendation = ("promote: " if decision.promoted else "reject: ") + decision.reason
+    tracker.client.set_model_version_tag(model, version, T_RECOMMENDATION, recommendation)
+    tracker.client.set_model_version_tag(model, version, T_APPROVAL, AWAITING)
+    if round_run_id:
+        tracker.set_tags(round_run_id, {**gate, T_RECOMMENDATION: recommendation, T_APPROVAL: AWAITING})
+    return replace(decision, awaiting=True)
+
+
+def recorded_decision(tracker: Tracker, candidate: Any) -> PromotionDecision:
+    """The verdict a version carries (T_PROMOTION), as a decision: what a rerun carries out."""
+    metric = tracker.cfg.promotion.metric
+    recorded = candidate.tags[T_PROMOTION]
+    previous = candidate.tags.get(T_PREVIOUS) or None
+    prev_value = None
+    if previous:
+        prev_value = version_metric(tracker.client.get_model_version(rl_model_name(tracker.cfg), previous), metric)
+    return PromotionDecision(recorded.startswith("promoted"), str(candidate.version), previous,
+                             version_metric(candidate, metric) or 0.0, prev_value, recorded.split(": ", 1)[-1])
+
+
+def carry_out(tracker: Tracker, candidate: Any, decision: PromotionDecision, verdict: str, gate: dict[str, str],
+              round_run_id: str | None) -> None:
+    """What a recorded verdict does: the alias moves on promotion, @candidate goes, the round run is tagged and ends."""
+    from flywheel.failpoints import failpoint
+
+    model, client = rl_model_name(tracker.cfg), tracker.client
+    failpoint("promote")  # crash test: killed between the recorded verdict and the alias move
+    if decision.promoted:
+        client.set_registered_model_alias(model, "reference", str(candidate.version))
+    pending = get_alias(tracker, model, "candidate")
+    if pending is not None and str(pending.version) == str(candidate.version):
+        client.delete_registered_model_alias(model, "candidate")  # promotion has decided
+    if round_run_id:
+        tracker.set_tags(round_run_id, {**gate, T_PROMOTION: verdict, "flywheel.promoted": str(decision.promoted).lower()})
+        client.set_terminated(round_run_id, "FINISHED")  # decided: a resumed round's run ends here too
+
+
+def _interval(tracker: Tracker, candidate: Any, current: Any, metric: str | None = None) -> PairedDelta:
+    """The paired bootstrap of candidate − reference on `metric` (default `promotion.metric`; NotComparable when it
+    cannot be)."""
     cfg = tracker.cfg
     name = f"reference v{current.version}"
     for version, who in ((candidate, "the candidate"), (current, name)):
@@ -271,7 +324,8 @@ def _interval(tracker: Tracker, candidate: Any, current: Any) -> PairedDelta:
                                 "without its samples), so the two cannot be paired; set promotion.rule: point, "
                                 "or pass force_promotion (promotion.force) to promote anyway")
     return paired_delta(load_items(tracker, candidate.tags[T_ITEMS]), load_items(tracker, current.tags[T_ITEMS]),
-                        cfg.promotion.metric, confidence=cfg.promotion.confidence, resamples=cfg.promotion.resamples,
+                        metric or cfg.promotion.metric, confidence=cfg.promotion.confidence,
+                        resamples=cfg.promotion.resamples,
                         seed=[cfg.seed, int(candidate.version)], ref_name=name)
 
 
@@ -279,39 +333,37 @@ def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
             metrics: dict[str, float] | None = None) -> PromotionDecision:
     """The gate itself: non-finite weights never pass; otherwise compare with the current reference.
 
-    The main metric is judged by `promotion.rule` on the paired interval (gate.py). A candidate that
-    passes it is still rejected when a `promotion.guards` metric falls more than its max_drop below
-    the reference's (point estimates), and the reason names that guard.
+    The main metric is judged by `promotion.rule` on the paired interval (gate.py), in the metric's direction
+    (lower bits per byte is better). A candidate that passes it is still rejected when a `promotion.guards`
+    metric worsens by more than its max_drop from the reference's (point estimates), and the reason names
+    that guard. Every guard's paired interval is measured too (`readings`), to be shown beside the metric's.
     """
     from flywheel.checkpoints import first_non_finite
+    from flywheel.metrics import higher_is_better
 
     cfg = tracker.cfg
-    metric = cfg.promotion.metric
-    rule = cfg.promotion.rule
+    metric, rule = cfg.promotion.metric, cfg.promotion.rule
     current = get_alias(tracker, rl_model_name(cfg), "reference")
     prev_value = version_metric(current, metric) if current is not None else None
     prev = str(current.version) if current is not None else None
     bad = first_non_finite(version_path(tracker, candidate))
+    verdict = functools.partial(PromotionDecision, candidate_version=str(candidate.version), previous_version=prev,
+                                candidate_value=value, previous_value=prev_value)
     if bad is not None:
-        return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
-                                 f"tensor '{bad}' has non-finite values; kept v{prev}")
+        return verdict(False, reason=f"tensor '{bad}' has non-finite values; kept v{prev}", blocked=True)
     if current is not None and prev == str(candidate.version):
-        return PromotionDecision(True, str(candidate.version), prev, value, prev_value, "already the reference")
+        return verdict(True, reason="already the reference")
     if current is None:
-        return PromotionDecision(True, str(candidate.version), None, value, None, "first reference of this flywheel")
-    interval, problem = None, None
-    try:
-        interval = _interval(tracker, candidate, current)
-    except NotComparable as exc:
-        problem = str(exc)
+        return verdict(True, previous_version=None, previous_value=None, reason="first reference of this flywheel")
+    readings, problem = _readings(tracker, candidate, current)
+    interval = readings.get(metric)
     if force:
         shown = interval.text() if interval else f"{value:.4f} vs {prev_value}"
-        return PromotionDecision(True, str(candidate.version), prev, value, prev_value,
-                                 f"forced (promotion.force); {metric} {shown}", interval)
+        return verdict(True, reason=f"forced (promotion.force); {metric} {shown}", interval=interval, readings=readings)
     if problem and rule != "point":
-        return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
-                                 f"cannot compare: {problem}; kept v{prev}")
-    ok, why = passes(rule, cfg.promotion.min_delta, value, prev_value, interval, ref_name=f"reference v{prev}")
+        return verdict(False, reason=f"cannot compare: {problem}; kept v{prev}")
+    ok, why = passes(rule, cfg.promotion.min_delta, value, prev_value, interval, ref_name=f"reference v{prev}",
+                     higher=higher_is_better(metric))
     if rule == "point":
         why = f"{metric} {why}" + (f"; {interval.text()}" if interval else "")
     else:
@@ -321,24 +373,44 @@ def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
         for guard in cfg.promotion.guards:
             failed = _guard_problem(guard, metrics or {}, current, prev)
             if failed:
-                return PromotionDecision(False, str(candidate.version), prev, value, prev_value,
-                                         f"{metric} {value:.4f} passed, but {failed}; kept v{prev}", interval)
-        guarded = "".join(f"; guard {g.metric} held" for g in cfg.promotion.guards)
-        return PromotionDecision(True, str(candidate.version), prev, value, prev_value, why + guarded, interval)
-    return PromotionDecision(False, str(candidate.version), prev, value, prev_value, f"{why}; kept v{prev}", interval)
+                return verdict(False, reason=f"{metric} {value:.4f} passed, but {failed}; kept v{prev}",
+                               interval=interval, readings=readings)
+        why += "".join(f"; guard {g.metric} held" for g in cfg.promotion.guards)
+        return verdict(True, reason=why, interval=interval, readings=readings)
+    return verdict(False, reason=f"{why}; kept v{prev}", interval=interval, readings=readings)
+
+
+def _readings(tracker: Tracker, candidate: Any, current: Any) -> tuple[dict[str, PairedDelta], str | None]:
+    """The paired interval of the promotion metric and of each guard that has per-item scores; why the metric has
+    none (NotComparable's sentence) if it cannot be paired."""
+    readings: dict[str, PairedDelta] = {}
+    try:
+        readings[tracker.cfg.promotion.metric] = _interval(tracker, candidate, current)
+    except NotComparable as exc:
+        return readings, str(exc)
+    for guard in tracker.cfg.promotion.guards:
+        try:
+            readings[guard.metric] = _interval(tracker, candidate, current, guard.metric)
+        except FlywheelError:  # NotComparable, or a guard with no per-item scores: judged on its point values only
+            pass
+    return readings, None
 
 
 def _guard_problem(guard: Any, metrics: dict[str, float], current: Any, prev: str | None) -> str | None:
-    """Why `guard` rejects the candidate (its metric dropped by more than max_drop, or cannot be compared)."""
+    """Why `guard` rejects the candidate (its metric worsened by more than max_drop, or cannot be compared)."""
+    from flywheel.metrics import higher_is_better
+
     if guard.metric not in metrics:
         return f"guard {guard.metric} is not among the candidate's metrics (promotion.guards)"
     ref_value = version_metric(current, guard.metric)
     if ref_value is None:
         return (f"guard {guard.metric} has no value on reference v{prev} to compare with (promotion.guards; "
                 "promotion.force overrides)")
-    drop = ref_value - float(metrics[guard.metric])
+    value = float(metrics[guard.metric])
+    higher = higher_is_better(guard.metric)
+    drop = ref_value - value if higher else value - ref_value
     if drop > guard.max_drop:
-        return (f"guard {guard.metric} dropped {drop:.4f} ({float(metrics[guard.metric]):.4f} vs {ref_value:.4f}) "
+        return (f"guard {guard.metric} {'dropped' if higher else 'rose'} {drop:.4f} ({value:.4f} vs {ref_value:.4f}) "
                 f"> max_drop {guard.max_drop:g}")
     return None
 
@@ -435,6 +507,8 @@ def lineage(tracker: Tracker, version: str | None = None) -> list[str]:
         rnd = v.tags.get(T_ROUND, "?")
         promo = v.tags.get(T_PROMOTION, "not yet decided")
         lines.append(f"{rl} v{version} (round {rnd}; {promo})")
+        lines += [f"  {what} {v.tags[tag]}" for tag, what in (("flywheel.restored", "restored as @reference"),
+                                                               ("flywheel.rolled_back", "rolled back")) if tag in v.tags]
         base_v = v.tags.get(T_BASE_VERSION)
         if not base_v:
             lines.append(f"  ← {v.tags.get(T_BASE_SOURCE, 'unknown base')}")
