@@ -368,7 +368,8 @@ def _decide(tracker: Tracker, candidate: Any, value: float, force: bool,
         why = f"{metric} {why}" + (f"; {interval.text()}" if interval else "")
     else:
         shown = "(no value)" if prev_value is None else f"{prev_value:.4f}"
-        why = f"{metric} {value:.4f} vs reference v{prev} {shown}, {why}, margin {cfg.promotion.min_delta:g}"
+        margin = f", margin {cfg.promotion.min_delta:g}" if rule == "noninferior" else ""  # superior has none
+        why = f"{metric} {value:.4f} vs reference v{prev} {shown}, {why}{margin}"
     if ok:
         for guard in cfg.promotion.guards:
             failed = _guard_problem(guard, metrics or {}, current, prev)
