@@ -101,8 +101,6 @@ def await_approval(cfg: FlywheelConfig, plan: RoundPlan, results: dict[str, Any]
     """Publish the evidence, then (on a server) pause for the form and carry out the person's decision.
 
     Returns the round's decision: decided, or still awaiting (no server, or timed out with on_timeout wait)."""
-    from prefect.exceptions import FlowPauseTimeout
-    from prefect.flow_runs import pause_flow_run
     from prefect.runtime import flow_run
 
     from flywheel.round.stages import decision_result
@@ -119,25 +117,54 @@ def await_approval(cfg: FlywheelConfig, plan: RoundPlan, results: dict[str, Any]
     tracker = open_tracker(cfg)
     tracker.client.set_model_version_tag(rl_model_name(cfg), decision["version"], T_FLOW_RUN, str(flow_run.id))
     say(f"round {plan.round} awaits approval: the Resume form of flow run {flow_run.name}, or {how}")
-    try:
-        answer = pause_flow_run(wait_for_input=Approval, timeout=cfg.promotion.approval_timeout,
-                                poll_interval=POLL_SECONDS, key=f"approval-round-{plan.round}")
-        approve, reason, by = answer.decision == "approve", answer.reason, answer.by
-    except FlowPauseTimeout:
-        _running_again(str(flow_run.id))
-        if cfg.promotion.on_timeout == "wait":
-            say(f"round {plan.round}: no decision within {cfg.promotion.approval_timeout} s; it keeps waiting "
-                f"for {how}")
-            return decision
-        approve, reason, by = False, f"no decision within {cfg.promotion.approval_timeout} s", "timeout"
-    decided = decision_result(decide(tracker, plan.round, approve, reason, by))
+    answer = _pause(str(flow_run.id), cfg.promotion.approval_timeout, f"approval-round-{plan.round}")
+    if answer.by == TIMED_OUT and cfg.promotion.on_timeout == "wait":
+        say(f"round {plan.round}: no decision within {cfg.promotion.approval_timeout} s; it keeps waiting for {how}")
+        return decision
+    by = "timeout" if answer.by == TIMED_OUT else answer.by
+    decided = decision_result(decide(tracker, plan.round, answer.decision == "approve", answer.reason, by))
     emit_outcome(cfg, plan.round, decided)
     return decided
 
 
+TIMED_OUT = "the approval timeout (promotion.on_timeout)"  # the answer given when nobody answered in time
+GRACE_SECONDS = 300  # the server's own expiry of the pause comes this long after ours: ours always decides first
+
+
+def _pause(flow_run_id: str, seconds: int, key: str) -> Approval:
+    """Pause for the form; after `seconds` a watchdog answers it itself (by TIMED_OUT).
+
+    Prefect's server fails a pause whose timeout passed (its FailExpiredPauses service), racing the flow's own
+    timeout; so the pause is given `GRACE_SECONDS` more and the round's timeout is this watchdog's answer, which
+    goes through the same resume as a person's (whichever lands first is the answer)."""
+    import threading
+
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        if not stop.wait(seconds):
+            try:
+                resume_paused(flow_run_id, False, f"no decision within {seconds} s", TIMED_OUT)
+            except Exception:  # noqa: BLE001 - a person's answer landed first: the run is no longer paused
+                pass
+
+    threading.Thread(target=watchdog, name="flywheel-approval-timeout", daemon=True).start()
+    try:
+        return pause_flow_run(wait_for_input=Approval, timeout=seconds + GRACE_SECONDS, poll_interval=POLL_SECONDS,
+                              key=key)
+    except FlowPauseTimeout:  # the watchdog could not resume it either (the server was away): decide anyway
+        _running_again(flow_run_id)
+        return Approval(decision="reject", reason=f"no decision within {seconds} s", by=TIMED_OUT)
+    finally:
+        stop.set()
+
+
 def _running_again(flow_run_id: str) -> None:
-    """After its pause timed out the server would fail the run on its next state; the round still finishes (it
-    records the timeout's outcome), so it is set running again."""
+    """After its pause expired the server fails the run on its next state; the round still finishes (it records the
+    timeout's outcome), so it is set running again."""
     from prefect.client.orchestration import get_client
     from prefect.states import Running
 

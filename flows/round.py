@@ -30,6 +30,7 @@ from flywheel.launch import launched
 from flywheel.round.checks import check_gate_metric
 from flywheel.round.plan import RoundPlan, plan_round
 from flywheel.round.report import round_report
+from flywheel.round.settings import round_summary
 from flywheel.round.table import STAGES, Results, Stage
 from flywheel.safety import ProgressLog
 from flywheel.slot import RoundSlot
@@ -275,8 +276,7 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
         return plan.to_json()
     if (waiting := awaiting_approval(cfg)) is not None:  # the round ahead was left waiting while this one queued
         return waiting
-    tell(logger.info)("round %d%s: %s", plan.round, " (resumed)" if plan.resumed else "",
-                      f"ReMiT guided by {plan.reference_version}" if plan.reference_version else "NTP (round 0)")
+    tell(logger.info)("round %d%s: %s", plan.round, " (resumed)" if plan.resumed else "", round_summary(cfg, plan))
     results = run_table(data, plan)
     if results["decision"].get("awaiting"):
         results["decision"] = await_approval(cfg, plan, results, server=_server_url() is not None)

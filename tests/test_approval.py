@@ -109,8 +109,11 @@ def test_a_rollback_restores_the_replaced_reference_records_why_on_both_and_the_
     assert back.startswith(f"from v{r1.version} by ana at ")
     assert any(f"restored as @reference from v{r1.version}" in line for line in lineage(tracker))
     assert any("rolled back to v" in line for line in lineage(tracker, str(r1.version)))
-    plan = next_round(tracker)
+    from flywheel.round.plan import plan_round
+
+    plan = plan_round(tracker.cfg)  # what the next round's flow runs first
     assert plan.round == 2 and plan.reference_version == f"fw-rl/{r0.version}"  # planned with the restored one
+    assert plan.reference_path is not None and (plan.reference_path / "config.json").exists()
     with pytest.raises(FlywheelError, match=r"^--to: fw-rl has no version 9"):
         rollback(tracker, "x", to="9")
     with pytest.raises(FlywheelError, match=r"is the reference already"):
@@ -172,3 +175,15 @@ def test_a_lower_is_better_gate_promotes_lower_bits_per_byte_rejects_higher_and_
     assert bpb_row.split(" | ")[2].startswith("-0.0100 ± ")
     assert any(line.startswith("gate: eval/avg") for line in table)
     assert _reference(tracker) == str(r1.version)
+
+
+def test_the_gold_solutions_bits_per_byte_is_a_gate_metric_only_while_the_evaluation_reports_it(tmp_path):
+    from flywheel.round.checks import check_gate_metric
+
+    check_gate_metric(small_config(tmp_path, promotion={"metric": BPB}))
+    check_gate_metric(small_config(tmp_path, promotion={"guards": [{"metric": BPB, "max_drop": 0.01}]}))
+    off = small_config(tmp_path, promotion={"metric": BPB}, evaluation={"likelihood": False})
+    with pytest.raises(FlywheelError, match=r"^promotion.metric: 'eval/world_gsm/bpb' is not a metric the evaluation"):
+        check_gate_metric(off)
+    with pytest.raises(FlywheelError, match=r"'eval/world_mc/bpb' is not a metric"):  # multiple choice: no gold text
+        check_gate_metric(small_config(tmp_path, promotion={"metric": "eval/world_mc/bpb"}))

@@ -63,7 +63,8 @@ def test_the_olmo_config_rehearses_two_rounds_on_stand_ins_with_every_stage_pass
             assert row.group(1) == expected, f"round {round_n} {stage}: {row.group(1)}\n{out[-4000:]}"
     assert "every stage passed" in out and "Traceback" not in out
     for line in ("model.dtype: bfloat16 -> float32", "posttrain.stages.0.args.bf16: true -> removed",
-                 "launch: 1 node(s) x 8 processes -> 1 x 2 CPU processes (gloo)"):
+                 "launch: 1 node(s) x 8 processes -> 1 x 2 CPU processes (gloo)",
+                 "promotion.approval: required -> auto (a rehearsal's rounds decide by their gate)"):
         assert f"replaced  {line}" in out, out[-4000:]
 
 

@@ -40,3 +40,19 @@ def test_form_values_are_validated_by_the_config_model_and_as_configured_keeps_t
     assert changed.promotion.force
     with pytest.raises(ConfigError, match=r"midtrain.epsilon: must be <= 1 \(got 5.0\)"):
         apply_overrides(cfg, AS_CONFIGURED, None, 5.0, False)
+
+
+def test_the_round_says_the_objective_it_runs_not_the_one_the_config_names():
+    """An objective picked on the form is what the round's first log line names (issue 33: ntp said "ReMiT")."""
+    from flows.round import apply_overrides
+    from flywheel.round.settings import round_summary
+    from flywheel.tracking.registry import RoundPlan
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    guided = RoundPlan(3, reference_version="demo-rl/2")
+    assert round_summary(cfg, guided) == "ReMiT guided by demo-rl/2"
+    assert round_summary(apply_overrides(cfg, "ntp", None, None, False), guided) == (
+        "NTP (midtrain.objective ntp; the reference demo-rl/2 is not used)")
+    rho1 = cfg.model_copy(update={"midtrain": cfg.midtrain.model_copy(update={"objective": "rho1"})})
+    assert round_summary(rho1, guided) == "Rho-1 guided by demo-rl/2"
+    assert round_summary(cfg, RoundPlan(0)) == "NTP (round 0)"

@@ -6,6 +6,7 @@ at once and left both servers running. Exit codes: 143 after SIGTERM, 129 after 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,9 @@ def test_ui_stops_both_server_groups_and_exits_on_signal(tmp_path: Path, signum:
         if when == "both servers answer":
             _wait(lambda: _answers(f"http://127.0.0.1:{mlflow_port}/health")
                   and _answers(f"http://127.0.0.1:{prefect_port}/api/health"), 90, "both servers answer")
+            with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings", timeout=5) as r:
+                settings = json.loads(r.read())  # where the browser's UI sends its API calls: this port, not 4200
+            assert settings["api_url"] == f"http://127.0.0.1:{prefect_port}/api", settings
         assert all(os.getpgid(pid) == pid for pid in servers)  # each server leads its own group
         ui.send_signal(signum)
         assert ui.wait(timeout=45) == exit_code, ui.stderr.read()

@@ -36,7 +36,8 @@ def _check_metric(cfg: FlywheelConfig, metric: str, field: str) -> None:
         if names is None and metric.startswith(metric_key(task, "")):
             return
         known += [metric_key(task, m) for m in names or []]
-        if cfg.evaluation.likelihood and task in GOLD_TARGETS:  # the gold solution's bits per byte beside them
+        gold = any(t == task or t.startswith(f"{task}_") for t in GOLD_TARGETS)  # a group: its subjects' pooled
+        if cfg.evaluation.likelihood and gold:  # the gold solution's bits per byte beside them
             known.append(metric_key(task, METRIC))
     if metric not in known:
         raise FlywheelError(f"{field}: '{metric}' is not a metric the evaluation reports (tasks "

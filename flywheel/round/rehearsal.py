@@ -225,6 +225,9 @@ def _evaluation(cfg: FlywheelConfig, data: dict[str, Any], replaced: list[str]) 
         replaced.append(f"promotion.metric: {promo['metric']} -> eval/avg (its task's data could not be reached)")
         promo["metric"] = "eval/avg"
     promo["resamples"] = min(promo["resamples"], 200)
+    if promo["approval"] == "required":  # nobody approves a rehearsal: its gate decides, the checklist says so
+        replaced.append("promotion.approval: required -> auto (a rehearsal's rounds decide by their gate)")
+        promo["approval"] = "auto"
     return unreachable
 
 

@@ -24,3 +24,16 @@ def needs_scoring(cfg: FlywheelConfig, plan: RoundPlan) -> bool:
     """Whether the round's mid-training reads a reference cache (cached ReMiT / Rho-1 with a reference)."""
     mt = round_config(cfg, plan).midtrain
     return objective_named(mt.objective).reads_cache(mt.reference_mode) and plan.reference_path is not None
+
+
+def round_summary(cfg: FlywheelConfig, plan: RoundPlan) -> str:
+    """What the round's mid-training does, as its first log line says it: the objective the round really runs
+    (round 0, a form's override) and the reference only when that objective reads one."""
+    objective = objective_named(round_config(cfg, plan).midtrain.objective)
+    name = {"remit": "ReMiT", "rho1": "Rho-1"}.get(objective.name, objective.name.upper())  # NTP, KD
+    if plan.round == 0:
+        return f"{name} (round 0)"
+    if not objective.needs_reference or plan.reference_version is None:
+        unused = f"; the reference {plan.reference_version} is not used" if plan.reference_version else ""
+        return f"{name} (midtrain.objective {objective.name}{unused})"
+    return f"{name} guided by {plan.reference_version}"

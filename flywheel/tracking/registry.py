@@ -438,11 +438,6 @@ class RoundPlan:
     resumed: bool = False
     rl_version: str | None = None
 
-    @property
-    def objective_note(self) -> str:
-        return "NTP (round 0: no reference yet)" if self.reference_version is None else \
-            f"ReMiT guided by {self.reference_version}"
-
     def to_json(self) -> dict[str, Any]:
         path = self.reference_path
         return {**asdict(self), "reference_path": str(path) if path is not None else None}

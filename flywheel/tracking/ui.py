@@ -47,9 +47,10 @@ def start_uis(cfg: FlywheelConfig, mlflow_port: int, prefect_port: int) -> list[
          "--backend-store-uri", uri, "--default-artifact-root", (cfg.home / "mlflow" / "artifacts").resolve().as_uri()],
         env=env, start_new_session=True,
     )
+    # The UI asks /ui-settings where its API is; Prefect answers with the default port unless told otherwise.
     prefect = subprocess.Popen(
         [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        env=env, start_new_session=True,
+        env={**env, "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}, start_new_session=True,
     )
     return [mlflow, prefect]
 
