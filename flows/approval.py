@@ -64,11 +64,11 @@ def _link(tracker: Tracker, run: str) -> str:
     return f"`{run}` (tracking URI `{uri}`)"
 
 
-def evidence(cfg: FlywheelConfig, plan: RoundPlan, results: dict[str, Any]) -> str:
+def evidence(tracker: Tracker, plan: RoundPlan, results: dict[str, Any]) -> str:
     """What a person reads before deciding: every paired metric, the recommendation and why, the runs."""
     from flywheel.metrics import higher_is_better
 
-    tracker = open_tracker(cfg)
+    cfg = tracker.cfg
     decision, metrics = results["decision"], results["post_eval"]["metrics"]
     model, prev = rl_model_name(cfg), decision.get("previous")
     reference = tracker.client.get_model_version(model, prev).tags if prev else {}
@@ -106,15 +106,14 @@ def await_approval(cfg: FlywheelConfig, plan: RoundPlan, results: dict[str, Any]
     from flywheel.round.stages import decision_result
     from flywheel.tracking.approval import T_FLOW_RUN, decide
 
-    decision, say = results["decision"], tell(get_run_logger().info)
-    create_markdown_artifact(evidence(cfg, plan, results), key=f"{cfg.name}-round-{plan.round}-approval".lower()
+    decision, say, tracker = results["decision"], tell(get_run_logger().info), open_tracker(cfg)
+    create_markdown_artifact(evidence(tracker, plan, results), key=f"{cfg.name}-round-{plan.round}-approval".lower()
                              .replace("_", "-"), description=f"{cfg.name} round {plan.round}: evidence for approval")
     emit_outcome(cfg, plan.round, decision)
     how = f"`flywheel approve CONFIG --round {plan.round} --approve|--reject --reason ...`"
     if not server:
         say(f"round {plan.round} awaits approval (no Prefect server to pause on); decide with {how}")
         return decision
-    tracker = open_tracker(cfg)
     tracker.client.set_model_version_tag(rl_model_name(cfg), decision["version"], T_FLOW_RUN, str(flow_run.id))
     say(f"round {plan.round} awaits approval: the Resume form of flow run {flow_run.name}, or {how}")
     answer = _pause(str(flow_run.id), cfg.promotion.approval_timeout, f"approval-round-{plan.round}")
@@ -192,7 +191,7 @@ def decide_from_terminal(cfg: FlywheelConfig, round_n: int, approve: bool, reaso
     decision out and emits the event) or emit the event here; the verdict line."""
     from flywheel.tracking.approval import T_FLOW_RUN, decide, round_version, who
 
-    server = _server() is not None
+    server = server_url() is not None
     tracker = open_tracker(cfg)
     by = who()
     flow_run_id = round_version(tracker, round_n).tags.get(T_FLOW_RUN)
@@ -209,7 +208,8 @@ def decide_from_terminal(cfg: FlywheelConfig, round_n: int, approve: bool, reaso
     return f"round {round_n}: {'promoted' if decision.promoted else 'rejected'}: {decision.reason}{where}"
 
 
-def _server() -> str | None:
+def server_url() -> str | None:
+    """The Prefect server this process talks to; None on the temporary one a flow starts by itself."""
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value() or None

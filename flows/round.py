@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.approval import await_approval, emit_outcome
+from flows.approval import await_approval, emit_outcome, server_url
 from flywheel.config import FlywheelConfig, LaunchSpec, load_config, validate_config
 from flywheel.console import stage_line, stage_log_path, stage_summary, tell, trainer_progress
 from flywheel.errors import FlywheelError, is_permanent_os_error
@@ -120,12 +120,6 @@ def concurrency_limit_name(cfg: FlywheelConfig) -> str:
     return f"flywheel-{cfg.name}"
 
 
-def _server_url() -> str | None:
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value() or None
-
-
 LEASE_SECONDS = 60  # a dead remote holder's slot comes back within this plus the server's 15 s lease scan
 
 
@@ -138,7 +132,7 @@ def server_slot(cfg: FlywheelConfig, slot: RoundSlot, say: Callable[[str], None]
     trigger's record, and the next trigger on this host releases a dead holder's lease at once.
     The embedded temporary server never reclaims expired leases, so it relies on the lock alone.
     """
-    if _server_url() is None:
+    if server_url() is None:
         yield
         return
     import httpx
@@ -192,7 +186,7 @@ def clean_up_after(stale: list[dict[str, Any]], say: Callable[[str], None]) -> N
     with get_client(sync_client=True) as client:
         for rec in stale:
             what = f"pid {rec.get('pid')} (flow run {rec.get('flow_run_id') or '-'})"
-            if rec.get("lease_id") and _server_url() is not None:
+            if rec.get("lease_id") and server_url() is not None:
                 try:
                     client.release_concurrency_slots_with_lease(rec["lease_id"])
                 except Exception:  # noqa: BLE001 - already expired and reclaimed by the server
@@ -279,7 +273,7 @@ def _round_in_slot(cfg: FlywheelConfig, data: dict[str, Any], round: int | None)
     tell(logger.info)("round %d%s: %s", plan.round, " (resumed)" if plan.resumed else "", round_summary(cfg, plan))
     results = run_table(data, plan)
     if results["decision"].get("awaiting"):
-        results["decision"] = await_approval(cfg, plan, results, server=_server_url() is not None)
+        results["decision"] = await_approval(cfg, plan, results, server=server_url() is not None)
     else:
         emit_outcome(cfg, plan.round, results["decision"])
     decision = results["decision"]

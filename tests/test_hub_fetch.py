@@ -77,7 +77,10 @@ def test_a_fetched_source_takes_only_the_files_its_share_needs_in_parallel_and_t
     fetched = {f.path for f in plan.files}
     assert plan.commit == DEFAULT_COMMIT and plan.subset_files == MATH_FILES
     # fails if the share took one file or the whole subset, or if a file outside the subset was planned
-    assert 1 < len(fetched) < MATH_FILES and all(p.startswith("data/math/") for p in fetched)
+    assert len(fetched) > 1, f"the share needs more than one file, planned {sorted(fetched)}"
+    assert len(fetched) < MATH_FILES, f"the share took the whole subset ({len(fetched)} of {MATH_FILES} files)"
+    outside = [p for p in fetched if not p.startswith("data/math/")]
+    assert not outside, f"planned files outside the include: {outside}"
     largest = max(f.size for f in plan.files) * plan.tokens_per_byte
     assert plan.share_tokens * (1 + FETCH_MARGIN) <= plan.est_tokens < plan.share_tokens * (1 + FETCH_MARGIN) + largest
     assert set(hub.served) == fetched  # the wiki subset and the other math files were never downloaded

@@ -36,8 +36,8 @@ def _readings(readings: dict[str, dict[str, Any]]) -> list[str]:
     the interval excludes zero, so the gate can tell the two models apart on that metric."""
     if not readings:
         return []
-    rows = ["| gate reading | Δ candidate − reference | ± half-width | |Δ| / half-width |", "|---|---|---|---|"]
-    for m, r in readings.items():
-        half = (r["high"] - r["low"]) / 2
-        rows.append(f"| {m} | {r['delta']:+.4f} | {half:.4f} | {abs(r['delta']) / half if half else float('inf'):.2f} |")
+    from flywheel.tracking.gate import reading_text
+
+    rows = ["| gate reading | Δ candidate − reference ± half-width (\\|Δ\\| / half-width) |", "|---|---|"]
+    rows += [f"| {m} | {reading_text(r['delta'], r['low'], r['high'])} |" for m, r in readings.items()]
     return [*rows, ""]

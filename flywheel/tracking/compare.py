@@ -61,11 +61,10 @@ def _readings(tags: dict[str, str]) -> dict[str, str]:
     """{metric: `+0.0120 ± 0.0431 (0.28)`} from a round run's `flywheel.promotion.readings` tag."""
     import json
 
-    out = {}
-    for m, r in json.loads(tags.get("flywheel.promotion.readings", "{}")).items():
-        half = (r["high"] - r["low"]) / 2
-        out[m] = f"{r['delta']:+.4f} ± {half:.4f} ({abs(r['delta']) / half if half else float('inf'):.2f})"
-    return out
+    from flywheel.tracking.gate import reading_text
+
+    readings = json.loads(tags.get("flywheel.promotion.readings", "{}"))
+    return {m: reading_text(r["delta"], r["low"], r["high"]) for m, r in readings.items()}
 
 
 def _gate_lines(tags: dict[int, dict[str, str]]) -> list[str]:

@@ -52,6 +52,13 @@ class PairedDelta:
         return asdict(self)
 
 
+def reading_text(delta: float, low: float, high: float) -> str:
+    """`-0.0086 ± 0.0052 (1.66)`: a paired difference, its interval's half-width, and |Δ| over that half-width
+    (above 1 the interval excludes zero: the metric tells the two models apart)."""
+    half = (high - low) / 2
+    return f"{delta:+.4f} ± {half:.4f} ({abs(delta) / half if half else float('inf'):.2f})"
+
+
 class NotComparable(FlywheelError):
     """The two evaluations cannot be paired (other tasks, limit, prompts or items)."""
 
