@@ -63,6 +63,8 @@ def test_with_approval_required_the_gate_recommends_and_only_a_persons_approval_
     assert not rejected.promoted and _reference(tracker) == str(r0.version)  # ...the person did not
     tags = tracker.client.get_model_version("fw-rl", r1.version).tags
     assert tags[T_APPROVAL] == "rejected" and tags[T_PROMOTION].startswith("rejected: rejected by bo: regresses")
+    with pytest.raises(FlywheelError, match=r"a rejection stands; to promote it anyway, rerun the round with force"):
+        decide(tracker, 1, True, "changed my mind", "bo")
     assert next_round(tracker).round == 2 and next_round(tracker).reference_version == f"fw-rl/{r0.version}"
     with pytest.raises(FlywheelError, match=r"^round 3 has no RL model|^--round: round 3 has no RL model"):
         decide(tracker, 3, True, "x", "ana")

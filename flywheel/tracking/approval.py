@@ -105,8 +105,9 @@ def _check_same(version: Any, round_n: int, approve: bool, by: str) -> None:
         raise FlywheelError(f"round {round_n}: {version.name} v{version.version} was decided by its gate "
                             f"({verdict}); only rounds run with promotion.approval: required await a person")
     if by != "timeout" and verdict.startswith("promoted") != approve:
-        raise FlywheelError(f"round {round_n}: {version.name} v{version.version} was decided already ({verdict}); "
-                            "to undo a promotion, `flywheel promote CONFIG --rollback --reason ...`")
+        undo = ("to undo a promotion, `flywheel promote CONFIG --rollback --reason ...`" if verdict.startswith("promoted")
+                else "a rejection stands; to promote it anyway, rerun the round with force_promotion")
+        raise FlywheelError(f"round {round_n}: {version.name} v{version.version} was decided already ({verdict}); {undo}")
 
 
 @dataclass(frozen=True)
