@@ -1,15 +1,18 @@
-"""Write deploy/requirements.lock: the exact versions of flywheel's runtime dependencies in this environment.
+"""Write deploy/requirements.lock: the exact versions of flywheel's dependencies, runtime and dev, in one file.
 
-Run it with the project's tested `.venv` (`make test` passed there): `.venv/bin/python deploy/lock.py`. The
-worker image (Dockerfile.worker) installs the project under this file as pip constraints, so the team's
-worker runs the versions the test suite ran. Only the runtime closure is written: no dev extras, no pip.
-A local version label (torch's `+cpu`) is dropped, so the image takes the platform's build of that version.
+`make lock` runs it inside a scratch venv where the project was just resolved afresh (torch from pip's own
+step, the rest by uv within pyproject.toml's ranges); `make demo` / `make test` then install exactly this list
+with no resolution (`uv pip install --no-deps`), and the worker image (Dockerfile.worker) installs the runtime
+part, everything above the DEV_MARK line. A local version label (torch's `+cpu`) is dropped, so a machine takes
+its platform's build of that version. The pins hold for Linux, CPython 3.11 (the CI machine); markers for
+other platforms are evaluated away when the lock is written.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -18,13 +21,18 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 LOCK = Path(__file__).with_name("requirements.lock")
+ROOT = "flywheel"
+DEV_MARK = "# --- dev: make test only (the worker image stops here) ---"
+HEADER = ("# flywheel's dependencies at exact versions, made by `make lock` (deploy/lock.py); do not edit by hand.\n"
+          "# make demo / make test install it with `uv pip install --no-deps` (torch in its own pip step first);\n"
+          "# deploy/Dockerfile.worker installs the lines above the dev mark. Linux, CPython 3.11.\n")
 
 
-def closure(root: str) -> dict[str, str]:
+def closure(root: str, root_extras: frozenset[str] = frozenset()) -> dict[str, str]:
     """Every distribution `root` needs at run time (extras it names included), with its installed version."""
     env = default_environment()
     found: dict[str, str] = {}
-    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(root, root_extras)]
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         name, extras = todo.pop()
@@ -47,13 +55,60 @@ def closure(root: str) -> dict[str, str]:
     return found
 
 
+def render(runtime: dict[str, str], dev: dict[str, str]) -> str:
+    """The lock's text: runtime pins, the dev mark, then what only the dev extra adds."""
+    def pins(found: dict[str, str]) -> list[str]:
+        return [f"{name}=={re.sub(r'[+].*$', '', version)}" for name, version in sorted(found.items())]
+    dev_only = {k: v for k, v in dev.items() if k not in runtime}
+    return HEADER + "\n".join([*pins(runtime), DEV_MARK, *pins(dev_only)]) + "\n"
+
+
+def pins(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The lock's runtime and dev-only pins, by canonical name."""
+    runtime: dict[str, str] = {}
+    dev: dict[str, str] = {}
+    part = runtime
+    for line in text.splitlines():
+        if line.strip() == DEV_MARK:
+            part = dev
+        elif line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            part[canonicalize_name(name)] = version.strip()
+    return runtime, dev
+
+
+def problems(project: dict, text: str) -> list[str]:
+    """Where pyproject.toml's [project] table and the lock disagree: each requirement must be pinned inside
+    its range, a runtime one above the dev mark."""
+    runtime, dev = pins(text)
+    found = []
+    wanted = [(d, runtime, "runtime") for d in project["dependencies"]]
+    wanted += [(d, runtime | dev, "dev") for d in project.get("optional-dependencies", {}).get("dev", [])]
+    for dep, where, part in wanted:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        if name not in where:
+            found.append(f"{req.name} ({part}) is not in {LOCK.name}")
+        elif not req.specifier.contains(where[name], prereleases=True):
+            found.append(f"{LOCK.name} pins {name}=={where[name]}, outside pyproject.toml's {dep}")
+    return found
+
+
 def main() -> int:
-    pins = closure("flywheel")
-    lines = [f"{name}=={re.sub(r'[+].*$', '', version)}" for name, version in sorted(pins.items())]
-    header = ("# flywheel's runtime dependencies at the versions its tests ran with; made by deploy/lock.py.\n"
-              "# Used as pip constraints by deploy/Dockerfile.worker. Regenerate after changing pyproject.toml.\n")
-    LOCK.write_text(header + "\n".join(lines) + "\n")
-    print(f"{LOCK}: {len(lines)} packages")
+    if sys.argv[1:] == ["--check"]:
+        project = tomllib.loads(LOCK.parent.parent.joinpath("pyproject.toml").read_text())["project"]
+        found = problems(project, LOCK.read_text())
+        print("\n".join(found) + "\nrun `make lock`" if found else f"{LOCK.name} agrees with pyproject.toml")
+        return 1 if found else 0
+    runtime = closure(ROOT)
+    dev = closure(ROOT, frozenset({"dev"}))
+    if not runtime:
+        print(f"{ROOT} is not installed in {sys.prefix}: run this with the venv the project was installed into")
+        return 2
+    tmp = LOCK.with_suffix(".lock.tmp")
+    tmp.write_text(render(runtime, dev))
+    tmp.replace(LOCK)
+    print(f"{LOCK}: {len(runtime)} runtime packages, {len(set(dev) - set(runtime))} more for dev")
     return 0
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from flywheel.env import apply_offline_env, command_config, prepare_command, use_flywheel_prefect
 
@@ -24,6 +23,7 @@ apply_offline_env(offline=False)
 
 from flywheel import views  # noqa: E402
 from flywheel.config import FlywheelConfig, config_home, load_config  # noqa: E402
+from flywheel.console import wide_console  # noqa: E402
 from flywheel.errors import ConfigError, FlywheelError, QuietUserErrors, os_error_sentence  # noqa: E402
 from flywheel.refs import WORLD_SIZES  # noqa: E402
 
@@ -31,8 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Flywheel: ReMiT mid-training guided by the last round's RL model, round after round.")
 world_app = typer.Typer(no_args_is_help=True, help="The offline tiny world: corpora, tokenizer, pre-anneal base.")
 app.add_typer(world_app, name="world")
-console = Console()
-err_console = Console(stderr=True)
+console = wide_console()
+err_console = wide_console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="A flywheel YAML config (see configs/).", show_default=False)]
 

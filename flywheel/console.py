@@ -2,8 +2,9 @@
 
 What the libraries print while a stage runs in this process (the HF Trainer's log dicts, TRL's, lm-eval's
 and transformers' progress bars and warnings, Python warnings, anything written to fd 1 or 2) goes to the
-stage's log file, `home/logs/<name>/round-N/<stage>.log`, kept as an artifact (`logs/`) of the stage's
-MLflow runs. Prefect's console shows errors only; its run log (what the Prefect UI shows) stays complete.
+stage's log file, `home/logs/<name>/round-N/<stage>.log` (a progress bar as one line at its final state, not
+every redraw), kept as an artifact (`logs/`) of the stage's MLflow runs. Prefect's console shows errors only;
+its run log (what the Prefect UI shows) stays complete.
 With `--verbose` nothing is redirected and the terminal shows everything, as without this module.
 
 A stage launched as a job (`launch.kind` torchrun / accelerate) already writes every rank's output to the
@@ -14,16 +15,18 @@ stage's line names its log, and Prefect's console keeps its ERROR records (trace
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -32,6 +35,16 @@ from rich.text import Text
 # Read when Prefect and MLflow configure their logging: Prefect's console handler (its logging.yml, overridable
 # by env) shows errors only, MLflow's handler drops "Creating initial MLflow database tables...".
 QUIET_ENV = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "ERROR", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+WIDE = 120  # columns of output piped or redirected: rich assumed 80 there and wrapped the stage lines and tables
+
+
+def wide_console(file: IO[str] | None = None, stderr: bool = False) -> Console:
+    """A rich Console for what the user reads: on a terminal its width (rich follows it), COLUMNS where set
+    (rich reads it), else WIDE columns, as a pipe or a file has no width of its own."""
+    console = Console(file=file, stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console.width = WIDE
+    return console
 
 
 class Terminal:
@@ -40,7 +53,7 @@ class Terminal:
     def __init__(self, verbose: bool):
         self.verbose = verbose
         self.out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-        self.console = Console(file=self.out)
+        self.console = wide_console(self.out)
         self.line: StageLine | None = None
 
     def close(self) -> None:
@@ -240,6 +253,7 @@ def output_to(path: Path, title: str) -> Iterator[None]:
     with open(path, "a") as log:
         log.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} {title} =====\n")
         log.flush()
+        start = log.tell()
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     sys.stdout.reconfigure(line_buffering=True)  # keep the Trainer's lines in order with the log records
@@ -254,6 +268,37 @@ def output_to(path: Path, title: str) -> Iterator[None]:
         for fd, copy in zip((1, 2), saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
+        keep_last_frames(path, start)
+
+
+def last_frame(line: bytes) -> bytes:
+    """A log line as the terminal showed it in the end: of the frames a carriage return starts (a tqdm bar drawn
+    over itself), the last that is not blank (tqdm clears a bar it does not leave with spaces and a '\\r')."""
+    if b"\r" not in line:
+        return line
+    return next((frame for frame in reversed(line.split(b"\r")) if frame.strip()), b"")
+
+
+def keep_last_frames(path: Path, start: int) -> None:
+    """Reduce each line written to the log from byte `start` on to its last frame (see `last_frame`), so a bar
+    is one line at its final state, not every redraw. One rename replaces the file; where that fails (a full
+    disk), the log stays as written."""
+    from flywheel.data.io import publish
+
+    tmp = None
+    try:
+        data = path.read_bytes()
+        if b"\r" not in data[start:]:
+            return
+        tidy = b"\n".join(last_frame(line) for line in data[start:].split(b"\n"))
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            f.write(data[:start] + tidy)
+        publish(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def keep_stage_log(cfg: Any, round_n: int, stage: str, path: Path, since_ms: int) -> None:

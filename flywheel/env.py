@@ -27,8 +27,9 @@ def offline_env() -> dict[str, str]:
 
 
 # The keys of offline.env that switch the hub libraries offline; the rest (telemetry off, tokenizer threads, the
-# Prefect start-up timeout) hold for every command. huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE),
-# datasets HF_DATASETS_OFFLINE before either: all three are set together, once, before any of them is imported.
+# Prefect start-up timeout, no MLflow run links on stdout) hold for every command. huggingface_hub reads
+# HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), datasets HF_DATASETS_OFFLINE before either: all three are set
+# together, once, before any of them is imported.
 OFFLINE_SWITCH = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 TELEMETRY_OFF = tuple(k for k in offline_env() if k not in OFFLINE_SWITCH)  # set for every command
 

@@ -206,8 +206,11 @@ def comparison(console: Console, cfg: FlywheelConfig, prefix: str | tuple[str, .
 
 
 def ablation_report(console: Console, report: dict[str, Any]) -> None:
-    console.print(report["markdown"], markup=False, highlight=False)
-    console.print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
+    """`flywheel ablate`'s ending: the headline and where the report went; its tables stay in the files."""
+    from flywheel.ablation.report import result_lines
+
+    for line in result_lines(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def checklist(console: Console, outcome: Any) -> None:

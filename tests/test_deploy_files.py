@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import json
 import re
 import tomllib
 from pathlib import Path
 
 import yaml
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -104,25 +103,48 @@ def test_docker_compose_binds_every_published_port_to_loopback():
     assert "ports" not in services["postgres"] and "ports" not in services["prefect-worker"]
 
 
-def test_worker_image_installs_the_project_with_its_locked_dependencies():
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("flywheel_lock", DEPLOY / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worker_image_installs_the_project_with_its_locked_runtime_dependencies():
     dockerfile = (DEPLOY / "Dockerfile.worker").read_text()
-    assert "-r deploy/requirements.lock" in dockerfile and "-c deploy/requirements.lock torch" in dockerfile
+    lock = _lock_module()
+    assert dockerfile.count("/tmp/runtime.lock") == 3 and "sed '/^# --- dev:/,$d'" in dockerfile
+    assert lock.DEV_MARK.startswith("# --- dev:")
     assert "--no-deps -e ." in dockerfile  # nothing beyond the lock gets resolved for the project itself
     assert re.search(r"^USER (?!root)", dockerfile, re.M)
-    pins = {}
-    for line in (DEPLOY / "requirements.lock").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version and re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), line
-            pins[canonicalize_name(name)] = version
+
+
+def test_the_lock_pins_every_requirement_of_pyproject_inside_its_range():
+    lock = _lock_module()
     project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
-    for dep in project["dependencies"]:
-        req = Requirement(dep)
-        name = canonicalize_name(req.name)
-        assert name in pins, f"{req.name} is not in deploy/requirements.lock: run deploy/lock.py"
-        assert req.specifier.contains(pins[name], prereleases=True), f"lock {name}=={pins[name]} outside {dep}"
-    dev = {canonicalize_name(Requirement(d).name) for d in project["optional-dependencies"]["dev"]}
-    assert not dev & set(pins), dev & set(pins)
+    text = (DEPLOY / "requirements.lock").read_text()
+    assert lock.problems(project, text) == []
+    runtime, dev = lock.pins(text)
+    assert "pytest" in dev and "uv" in dev and "pytest" not in runtime, "dev tools sit below the dev mark"
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in {**runtime, **dev}.values())
+
+
+def test_a_lock_that_disagrees_with_pyproject_is_caught_by_name():
+    lock = _lock_module()
+    text = f"torch==2.13.0\nuv==0.13.10\n{lock.DEV_MARK}\npytest==7.0\n"
+    project = {"dependencies": ["torch>=2.13", "rich>=13", "uv>=0.14"], "optional-dependencies": {"dev": ["pytest>=8"]}}
+    assert lock.problems(project, text) == [
+        "rich (runtime) is not in requirements.lock",
+        "requirements.lock pins uv==0.13.10, outside pyproject.toml's uv>=0.14",
+        "requirements.lock pins pytest==7.0, outside pyproject.toml's pytest>=8"]
+
+
+def test_the_installed_environment_is_exactly_the_lock():
+    """make demo / make test install the lock with no resolution: what is installed is what is locked."""
+    lock = _lock_module()
+    written = lock.render(lock.closure(lock.ROOT), lock.closure(lock.ROOT, frozenset({"dev"})))
+    assert written == (DEPLOY / "requirements.lock").read_text(), \
+        "this venv's flywheel closure differs from deploy/requirements.lock: run `make lock` (or reinstall: make clean-venv)"
 
 
 def test_kubernetes_job_template_is_valid_json_with_a_job_manifest():

@@ -258,6 +258,44 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _method_vs_baseline(report: dict[str, Any]) -> str | None:
+    """remit − ntp in avg after the last phase that compared them: the difference, its test, Holm's verdict."""
+    for phase in reversed(PHASES):
+        for row in report["comparisons"].get(phase, ()):
+            if (row["a"], row["b"]) == (METHOD, BASELINE):
+                p = "–" if row["p_value"] is None else f"{row['p_value']:.3g}"
+                verdict = "significant" if row.get("significant_holm") else "not significant"
+                return (f"{METHOD} − {BASELINE} in avg {PHASES[phase]}: {row['diff'] * 100:+.1f} points "
+                        f"({row['test']}, p {p}; {verdict} after Holm)")
+    return None
+
+
+def _best_avg(report: dict[str, Any]) -> str | None:
+    """The variant with the best mean avg after the last phase that has scores."""
+    for phase in reversed(PHASES):
+        scored = {v: row[AVG] for v, row in report["phases"][phase].items() if row.get(AVG)}
+        if scored:
+            best = max(scored, key=lambda v: scored[v]["mean"])
+            return f"best avg {PHASES[phase]}: {best} {format_estimate(Estimate(**_plain(scored[best])))} points"
+    return None
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The study in one line: its size, remit − ntp (else the best variant) and how many cells failed."""
+    about = (f"ablation {report['study']} ({report['name']}, size {report['size']}): {len(report['variants'])} "
+             f"variant(s) × {len(report['seeds'])} seed(s)")
+    found = _method_vs_baseline(report) or _best_avg(report) or "no scores"
+    failed = f"; {len(report['failed'])} cell(s) failed" if report["failed"] else ""
+    return f"{about}; {found}{failed}"
+
+
+def result_lines(report: dict[str, Any]) -> list[str]:
+    """What `flywheel ablate` prints: the headline and where the report went; its tables stay in the files."""
+    files = report["files"]
+    return [headline(report), f"report: {files['markdown']}",
+            f"data: {files['json']}; plot: {files['plot']}"]
+
+
 def _points(value: float | None) -> str:
     return "–" if value is None else f"{value * 100:.1f}"
 
