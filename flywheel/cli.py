@@ -474,11 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         err_console.print("aborted")
         return 130
-    except Exception as exc:  # usage errors arrive as ClickException (typer vendors its own click since 0.16)
+    except Exception as exc:  # usage errors: typer's vendored click's ClickException (a TyperException), or click's
         import click
 
-        if isinstance(exc, click.ClickException | typer.BadParameter):
-            exc.show()
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
+            exc.show()  # a usage line: an unknown option, a missing argument, a bad value
             return exc.exit_code
         home = config_home(config_arg) if config_arg else None
         sentence = os_error_sentence(exc, str(home) if home else None)
