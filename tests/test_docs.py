@@ -295,3 +295,36 @@ def test_field_check_catches_an_undocumented_field():
         "```\n| `midtrain` | `seq_len` |\n```\n"  # a table in a code block is an example, not the reference
     )
     assert undocumented_fields(fields, reference) == ["midtrain.seq_len"]
+
+
+def _demo_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_readme", REPO / "scripts" / "demo_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_demo_block_is_the_scripts_rendering_of_a_recorded_run():
+    """The README's demo table is what scripts/demo_readme.py wrote from one real `make demo`, not a hand edit."""
+    import json
+
+    script = _demo_script()
+    result = json.loads(script.RESULT.read_text())
+    readme = README.read_text()
+    block = readme[readme.index(script.START):readme.index(script.END) + len(script.END)]
+    assert block == script.render(result), "README.md's demo block was edited by hand: run scripts/demo_readme.py"
+    assert result["printed"][0].startswith("metric | round 0 | round 1 | round 2"), result["printed"][0]
+    assert any(line.startswith("round 2: ") for line in result["printed"]), "the verdicts were kept"
+
+
+def test_the_demo_script_keeps_the_printed_table_and_verdicts_only():
+    script = _demo_script()
+    printed = ("round 2  promote  rejected demo-rl v3, kept v2  (0 s)\nmetric | round 0 | round 1\n--- | --- | ---\n"
+               "post/eval/avg | 0.3764 | 0.4101\nround 1: promoted: first\nplot: /x/demo-rounds.png\ndemo took 9 s.\n")
+    assert script.printed_table(printed) == ["metric | round 0 | round 1", "--- | --- | ---",
+                                             "post/eval/avg | 0.3764 | 0.4101", "round 1: promoted: first"]
+    block = script.render({"date": "2026-12-07", "commit": "abc1234", "machine": "a CPU", "install_s": 60,
+                           "demo_s": 400, "printed": script.printed_table(printed)})
+    assert "460 s in all from a fresh clone: the install 60 s" in block and "- round 1: promoted: first" in block
