@@ -23,7 +23,7 @@ apply_offline_env(offline=False)
 
 from flywheel import views  # noqa: E402
 from flywheel.config import FlywheelConfig, config_home, load_config  # noqa: E402
-from flywheel.console import wide_console  # noqa: E402
+from flywheel.console import WIDE, wide_console  # noqa: E402
 from flywheel.errors import ConfigError, FlywheelError, QuietUserErrors, os_error_sentence  # noqa: E402
 from flywheel.refs import WORLD_SIZES  # noqa: E402
 
@@ -33,6 +33,8 @@ world_app = typer.Typer(no_args_is_help=True, help="The offline tiny world: corp
 app.add_typer(world_app, name="world")
 console = wide_console()
 err_console = wide_console(stderr=True)
+if console.width == WIDE and not console.is_terminal:  # typer's help and usage lines: its own console reads this
+    os.environ.setdefault("TERMINAL_WIDTH", str(WIDE))
 
 ConfigArg = Annotated[Path, typer.Argument(help="A flywheel YAML config (see configs/).", show_default=False)]
 

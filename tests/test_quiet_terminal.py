@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,11 @@ def test_mlflow_prints_no_run_link_under_the_cli_environment(monkeypatch, capfd)
         monkeypatch.delenv(MLFLOW_QUIET)
         with pytest.raises(MlflowException, match="runs/get"):
             client._log_url("0" * 32)
+
+
+def test_piped_help_is_as_wide_as_the_rest_of_the_output():
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "--help"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    about = "Flywheel: ReMiT mid-training guided by the last round's RL model, round after round."
+    assert len(about) > 80 and about in out, out  # one line, not wrapped at rich's 80 columns
