@@ -19,7 +19,7 @@ from typing import Any
 from flywheel.ablation.cell import evaluate_base, evaluate_checkpoint, run_cell
 from flywheel.ablation.plan import AblationPlan, cell_config, cell_seeds, prepare_ablation
 from flywheel.ablation.references import resolve_references
-from flywheel.ablation.report import summarize, write_report
+from flywheel.ablation.report import result_lines, summarize, write_report
 from flywheel.ablation.tracking import log_report
 from flywheel.config import FlywheelConfig
 from flywheel.errors import FlywheelError
@@ -33,7 +33,7 @@ def failed_cell(variant: str, seed: int, error: BaseException | str) -> dict[str
 
 def finish_ablation(plan: AblationPlan, base: dict[str, Any], cells: list[dict[str, Any]],
                     echo: bool = True) -> dict[str, Any]:
-    """Summarize, write JSON/markdown/PNG, log them to the parent run, print the tables."""
+    """Summarize, write JSON/markdown/PNG, log them to the parent run, print the headline."""
     cfg = cell_config(plan, "ntp", plan.seeds[0])
     # how good the guides are, scored like every post-trained model (zero-shot, chat template); reused by content
     refs = {role: evaluate_checkpoint(cfg, path, "post") for role, path in plan.references.items()
@@ -41,9 +41,8 @@ def finish_ablation(plan: AblationPlan, base: dict[str, Any], cells: list[dict[s
     report = summarize(plan, {**base, "references": refs}, cells)
     write_report(report, Path(plan.out_dir))
     log_report(plan, report)
-    if echo:
-        print(report["markdown"])
-        print(f"report: {report['files']['json']}\nplot: {report['files']['plot']}")
+    if echo:  # what `flywheel ablate` prints: the headline and where the tables went
+        print("\n".join(result_lines(report)))
     return report
 
 
