@@ -15,7 +15,13 @@ from typing import Annotated
 
 import typer
 
-from flywheel.env import apply_offline_env, command_config, prepare_command, use_flywheel_prefect
+from flywheel.env import (
+    apply_offline_env,
+    command_config,
+    exit_cleanly_on_sigterm,
+    prepare_command,
+    use_flywheel_prefect,
+)
 
 # Telemetry off before anything imports MLflow or Prefect; the offline switch waits for main(), which reads the
 # config first (a hub config must reach the hub, the tiny world never does).
@@ -58,6 +64,7 @@ def world_build(
     size: Annotated[str | None, typer.Option(help=f"Model size: {', '.join(WORLD_SIZES)}.")] = None,
 ) -> None:
     """Write the corpora, the tokenizer and a pre-trained base under home; reuse what exists."""
+    exit_cleanly_on_sigterm()  # a SIGTERM unwinds: the half-built base's temporary folder is removed, exit 143
     cfg = _load(config)
     if size is not None and size not in WORLD_SIZES:
         raise FlywheelError(f"--size: must be one of {', '.join(WORLD_SIZES)} (got '{size}')")

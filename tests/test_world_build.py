@@ -11,7 +11,7 @@ from flywheel.data.io import read_jsonl
 from flywheel.world.build import build_world, heldout_loss, world_paths
 from flywheel.world.tasks import is_heldout
 
-from .conftest import small_config
+from .conftest import SMALL_WORLD, small_config
 
 
 def test_base_loads_with_from_pretrained_as_safetensors(small_world):
@@ -101,3 +101,35 @@ def test_build_writes_a_manifest_of_what_it_made(small_world):
     manifest = json.loads((report.paths.base / "flywheel-base.json").read_text())
     assert manifest["size"] == "nano" and manifest["params"] == report.params > 500_000
     assert torch.isfinite(torch.tensor(manifest["train_loss"]))
+
+
+def test_a_sigterm_during_the_base_pre_training_leaves_no_half_built_folder(tmp_path):
+    """A world build stopped by SIGTERM (a scheduler's stop) unwinds: exit 143, the base's temporary folder gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    world = {**SMALL_WORLD, "pretrain_tokens": 50_000_000}  # far more than the test waits for
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"name": "test", "seed": 0, "home": str(tmp_path / "home"), "world": world}))
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "world", "build", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "home").glob("world/*/.base-*.tmp")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.5)
+        assert list((tmp_path / "home").glob("world/*/.base-*.tmp")), "pre-training never started"
+        time.sleep(3)  # inside the Trainer's steps
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    world_dir = next((tmp_path / "home" / "world").iterdir())
+    assert not list(world_dir.glob(".base-*")), "the half-built base's temporary folder was left behind"
+    assert not list(world_dir.glob("base-*")), "nothing was published"
+    assert (world_dir / "world.json").exists()  # the finished corpora and tokenizer stay for the next build
