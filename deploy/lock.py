@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -95,11 +94,6 @@ def problems(project: dict, text: str) -> list[str]:
 
 
 def main() -> int:
-    if sys.argv[1:] == ["--check"]:
-        project = tomllib.loads(LOCK.parent.parent.joinpath("pyproject.toml").read_text())["project"]
-        found = problems(project, LOCK.read_text())
-        print("\n".join(found) + "\nrun `make lock`" if found else f"{LOCK.name} agrees with pyproject.toml")
-        return 1 if found else 0
     runtime = closure(ROOT)
     dev = closure(ROOT, frozenset({"dev"}))
     if not runtime:

@@ -29,7 +29,7 @@ apply_offline_env(offline=False)
 
 from flywheel import views  # noqa: E402
 from flywheel.config import FlywheelConfig, config_home, load_config  # noqa: E402
-from flywheel.console import WIDE, wide_console  # noqa: E402
+from flywheel.console import wide_console  # noqa: E402
 from flywheel.errors import ConfigError, FlywheelError, QuietUserErrors, os_error_sentence  # noqa: E402
 from flywheel.refs import WORLD_SIZES  # noqa: E402
 
@@ -39,8 +39,8 @@ world_app = typer.Typer(no_args_is_help=True, help="The offline tiny world: corp
 app.add_typer(world_app, name="world")
 console = wide_console()
 err_console = wide_console(stderr=True)
-if console.width == WIDE and not console.is_terminal:  # typer's help and usage lines: its own console reads this
-    os.environ.setdefault("TERMINAL_WIDTH", str(WIDE))
+if not console.is_terminal:  # typer's help and usage lines: its own console reads this
+    os.environ.setdefault("TERMINAL_WIDTH", str(console.width))
 
 ConfigArg = Annotated[Path, typer.Argument(help="A flywheel YAML config (see configs/).", show_default=False)]
 
@@ -64,7 +64,6 @@ def world_build(
     size: Annotated[str | None, typer.Option(help=f"Model size: {', '.join(WORLD_SIZES)}.")] = None,
 ) -> None:
     """Write the corpora, the tokenizer and a pre-trained base under home; reuse what exists."""
-    exit_cleanly_on_sigterm()  # a SIGTERM unwinds: the half-built base's temporary folder is removed, exit 143
     cfg = _load(config)
     if size is not None and size not in WORLD_SIZES:
         raise FlywheelError(f"--size: must be one of {', '.join(WORLD_SIZES)} (got '{size}')")
@@ -466,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.addFilter(QuietUserErrors())
     config_arg = command_config(args)
     try:
+        exit_cleanly_on_sigterm()  # SIGTERM unwinds every command: temporary folders removed, exit 143
         prepare_command(args, config_arg)  # offline or not, and the home checked, before any hub library loads
         code = app(args=args, standalone_mode=False)  # click returns a typer.Exit's code here instead of raising
         if isinstance(code, int) and not isinstance(code, bool) and code:

@@ -13,7 +13,6 @@ the README shows one run's output, not a hand edit. Run it after any change that
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -22,6 +21,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from flywheel.data.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -61,9 +62,7 @@ def write_readme(result: dict) -> None:
         raise SystemExit(f"{README} has no demo markers: put {START!r} and {END!r} where the block goes")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    tmp = README.with_suffix(".md.tmp")
-    tmp.write_text(head + render(result) + tail)
-    tmp.replace(README)
+    write_text(README, head + render(result) + tail)
 
 
 def machine() -> str:
@@ -110,9 +109,7 @@ def main() -> int:
     result = {"date": date.today().isoformat(), "commit": commit, "machine": machine(), "install_s": install_s,
               "demo_s": demo_s, "printed": printed_table(out)}
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(RESULT)
+    write_json(RESULT, result)
     write_readme(result)
     print(f"{RESULT} and {README}'s demo block written (commit {commit}, demo {demo_s} s)")
     return 0

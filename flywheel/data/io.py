@@ -211,6 +211,11 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write (temp file + rename)."""
+    _atomic_write(path, lambda f: f.write(text))
+
+
 def fingerprint(*parts: Any) -> str:
     """A short content hash of JSON-able parts: the basis of every cache key."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
