@@ -397,9 +397,10 @@ def ablate(
     weak_reference: Annotated[str | None, typer.Option(help="Early RL checkpoint for remit_weak_ref.")] = None,
     dpo_reference: Annotated[str | None, typer.Option(help="DPO-only checkpoint for remit_dpo_ref.")] = None,
     strong_reference: Annotated[str | None, typer.Option(help="A far stronger reference for the remit_strong_* "
-                                "variants (the dose study).")] = None,
+                                "variants (the dose and strong studies).")] = None,
     study: Annotated[str | None, typer.Option(help="A named set of variants instead of --variants: dose "
-                     "(clip ε × reference × anneal length, with the oracle positive control).")] = None,
+                     "(clip ε × reference × anneal length, with the oracle positive control), strong (clip ε × "
+                     "RL or strong reference × live or frozen δ).")] = None,
     heldout: Annotated[str | None, typer.Option(help="Held-out text of the mid-training distribution (.jsonl with "
                        "a text field) for KL and the token-level loss (the tiny world makes its own).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (smoke/full: 1).")] = None,

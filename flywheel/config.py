@@ -146,6 +146,9 @@ class MidtrainConfig(Section):
     epsilon: float | None = Field(0.2, gt=0, le=1)  # None: no clip (for the ablation)
     centring: Literal["mean", "zscore"] = "mean"  # delta - mean (the paper's), or divided by its std too
     mapping: Literal["sigmoid", "exp", "linear"] = "sigmoid"  # 2*sigmoid (the paper's), exp, 1 + x; same clip
+    # live: delta = log p_ref - log p_theta, theta the model being trained (the paper's formula); frozen: theta the
+    # pre-anneal base, both log-probs cached, so the weights are fixed before training (flywheel/remit/frozen.py)
+    delta_base: Literal["live", "frozen"] = "live"
     reference_mode: Literal["cached", "online"] = "cached"
     reference: str | None = None  # round 1's reference when the registry has none yet
     cache_dtype: Literal["float16", "float32"] = "float16"  # see remit/scoring.py for why not bfloat16
@@ -182,6 +185,9 @@ class MidtrainConfig(Section):
                 f"midtrain.reference_mode: objective '{self.objective}' needs the reference's full distribution, "
                 f"so set reference_mode: online (got '{self.reference_mode}')"
             )
+        if self.delta_base == "frozen" and self.reference_mode != "cached":
+            raise ValueError("midtrain.delta_base: frozen reads the cached log-probs of the reference and of the base, "
+                             "so set reference_mode: cached (got 'online')")
         return self
 
 

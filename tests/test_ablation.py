@@ -262,10 +262,11 @@ def test_the_prefect_flow_runs_one_retried_task_per_cell():
 
 
 # the paper's open questions as variants: centring, weight mapping, and the reference's source
-OPEN_QUESTIONS = ["ntp", "remit_zscore", "remit_exp", "remit_linear", "remit_dpo_ref"]
+OPEN_QUESTIONS = ["ntp", "remit_zscore", "remit_exp", "remit_linear", "remit_dpo_ref", "remit_eps0.2",
+                  "remit_frozen_eps0.2"]
 
 
-def test_smoke_ablation_runs_the_centring_mapping_and_dpo_reference_variants(small_world):
+def test_smoke_ablation_runs_the_centring_mapping_dpo_reference_and_frozen_delta_variants(small_world):
     import torch
 
     from flywheel.ablation import run_ablation
@@ -290,6 +291,14 @@ def test_smoke_ablation_runs_the_centring_mapping_and_dpo_reference_variants(sma
         assert rule in (run_dir / "remit-weights.html").read_text(), variant  # the weight page names the rule
         weights[variant] = (Path(cells[variant]["midtrain_checkpoint"]) / "model.safetensors").read_bytes()
     assert len(set(weights.values())) == 3  # each rule trained a different model
+    frozen_dir = Path(cells["remit_frozen_eps0.2"]["midtrain_checkpoint"]).parent
+    assert "δ against the frozen base" in (frozen_dir / "remit-weights.html").read_text()
+    live_dir = Path(cells["remit_eps0.2"]["midtrain_checkpoint"]).parent
+    assert (frozen_dir / "model" / "model.safetensors").read_bytes() != (live_dir / "model" / "model.safetensors"
+                                                                         ).read_bytes()
+    # frozen δ is read against the live δ of the same cell, besides NTP
+    pairs = {(c["a"], c["b"]) for c in study["comparisons"]["post"]}
+    assert {("remit_frozen_eps0.2", "remit_eps0.2"), ("remit_frozen_eps0.2", "ntp")} <= pairs
 
 
 def test_the_dose_study_plans_its_grid_and_refuses_a_missing_strong_reference(small_world):
@@ -305,6 +314,10 @@ def test_the_dose_study_plans_its_grid_and_refuses_a_missing_strong_reference(sm
     long, short = cell_config(plan, "remit_strong_eps0.5_5x", 0), cell_config(plan, "ntp", 0)
     assert long.midtrain.token_budget == 5 * short.midtrain.token_budget and long.midtrain.epsilon == 0.5
     assert Path(plan.token_heldout).is_file()
+    strong = prepare_ablation(cfg, size="smoke", study="strong", strong_reference=str(report.paths.base))
+    assert len(strong.variants) == 11 and strong.posttrain is False
+    frozen = cell_config(strong, "remit_strong_frozen_noclip", 0).midtrain
+    assert frozen.delta_base == "frozen" and frozen.epsilon is None
 
 
 def test_the_oracle_cell_anneals_on_a_cache_certain_of_every_answer_and_measures_token_classes(small_world):

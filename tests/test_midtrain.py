@@ -395,3 +395,94 @@ def test_the_demo_midtrain_gives_the_same_loss_curve_with_the_chunked_and_the_ea
         curves[kernel] = [h["loss"] for h in res.metrics["log_history"] if "loss" in h]
     assert len(curves["eager"]) == 16
     assert np.allclose(curves["chunked"], curves["eager"], rtol=0, atol=1e-4), curves
+
+
+# --- delta_base: frozen (flywheel/remit/frozen.py) -------------------------------------------------
+
+
+def _frozen_inputs(cfg):
+    from flywheel.remit.midtrain import anneal_inputs
+
+    return anneal_inputs(cfg, cfg.model.source, cfg.midtrain.reference)
+
+
+def test_frozen_delta_equals_live_delta_at_step_zero_on_the_same_base(small_world, reference, tmp_path):
+    cfg = mt_config(small_world[0].home, reference=reference, delta_base="frozen")
+    inputs = _frozen_inputs(cfg)
+    items = [PackedDataset(inputs.packed, inputs.cache, inputs.frozen)[i] for i in range(4)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    frozen_trainer, live_trainer = _trainer(cfg, tmp_path / "f"), _trainer(cfg, tmp_path / "l")
+    with torch.no_grad():
+        live_cur = reference_logprobs(live_trainer.model, batch["input_ids"])
+    ref, mask, docs = batch["ref_logprobs"][:, 1:], torch.ones_like(batch["ref_logprobs"][:, 1:], dtype=torch.bool), \
+        batch["doc_ids"][:, 1:]
+    from flywheel.remit.weights import remit_weights
+
+    live_w = remit_weights(ref, live_cur[:, 1:], mask, 0.2, docs)
+    frozen_delta, live_delta = ref - batch["base_logprobs"][:, 1:], ref - live_cur[:, 1:]
+    # the base's cached log-probs are the live model's at step 0, rounded to float16 (<= 2^-11 relative)
+    assert (frozen_delta - live_delta).abs().max() <= 2.0**-11 * live_cur.abs().max() + 1e-6
+    assert (batch["frozen_weights"][:, 1:] - live_w).abs().max() < 5e-3
+    assert not torch.equal(live_w, torch.ones_like(live_w))  # the weights do vary: the comparison means something
+    live = {k: v for k, v in batch.items() if k not in ("frozen_weights", "base_logprobs")}
+    loss_frozen, grads_frozen = _loss_and_grads(frozen_trainer, batch)
+    loss_live, grads_live = _loss_and_grads(live_trainer, live)
+    assert abs(float(loss_frozen) - float(loss_live)) < 1e-3 * float(loss_live)
+    for a, b in zip(grads_frozen, grads_live, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-2)
+    # the trainer applies the stored weights as they are: all ones make it plain NTP
+    ones = {**batch, "frozen_weights": torch.ones_like(batch["frozen_weights"])}
+    loss_ones, _ = _loss_and_grads(frozen_trainer, ones)
+    loss_ntp, _ = _loss_and_grads(_trainer(cfg, tmp_path / "n", objective="ntp"), live)
+    assert abs(float(loss_ones) - float(loss_ntp)) < 1e-6 and abs(float(loss_ones) - float(loss_frozen)) > 1e-5
+
+
+def test_frozen_weights_are_a_pure_function_of_the_two_caches(small_world, reference, tmp_path):
+    from flywheel.remit.frozen import frozen_key, frozen_weights
+
+    cfg = mt_config(small_world[0].home, reference=reference, delta_base="frozen")
+    inputs = _frozen_inputs(cfg)
+    stored, base = inputs.frozen.weights, inputs.frozen.base
+    # by hand, one document at a time: 2*sigmoid(delta - its document's mean delta), clipped to [0.8, 1.2]
+    docs = np.asarray(inputs.packed.doc_ids[3], dtype=np.int64)[1:]
+    delta = (np.asarray(inputs.cache.rows(3), np.float64) - np.asarray(base.rows(3), np.float64))[1:]
+    expected = np.empty_like(delta)
+    for d in np.unique(docs):
+        centred = delta[docs == d] - delta[docs == d].mean()
+        expected[docs == d] = np.clip(2 / (1 + np.exp(-centred)), 0.8, 1.2)
+    got = np.asarray(stored.rows(3), np.float64)
+    assert got[0] == 0 and np.abs(got[1:] - expected).max() < 2e-3  # stored in float16
+    assert len(np.unique(docs)) > 1  # a row with several documents: each centred on its own
+    # written again from the same two caches into another home: the same bytes
+    other = cfg.model_copy(update={"home": tmp_path})
+    again = frozen_weights(other, inputs.cache, base, inputs.packed)
+    assert again.computed and again.weights.index["chunks"] == stored.index["chunks"]
+    # the key follows the caches and the rule, nothing else
+    assert frozen_key(cfg.midtrain, inputs.cache, base) == stored.index["key"]
+    assert frozen_key(cfg.midtrain.model_copy(update={"epsilon": 0.5}), inputs.cache, base) != stored.index["key"]
+    assert frozen_key(cfg.midtrain, base, inputs.cache) != stored.index["key"]
+
+
+def test_a_frozen_anneal_trains_on_the_stored_weights_and_its_rerun_reuses_both_caches_and_them(small_world,
+                                                                                                reference):
+    cfg = mt_config(small_world[0].home, reference=reference, delta_base="frozen", token_budget=8192)
+    first = _frozen_inputs(cfg)
+    files = [p for c in (first.cache, first.frozen.base, first.frozen.weights) for p in sorted(c.folder.iterdir())]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    res = midtrain(cfg)
+    again = _frozen_inputs(cfg)
+    assert not again.frozen.computed and {p: p.stat().st_mtime_ns for p in files} == before
+    assert again.frozen.base.folder != again.cache.folder  # the base was scored into its own cache
+    assert res.metrics["weight_rule"].endswith("δ against the frozen base")
+    logged = [h for h in res.metrics["log_history"] if "remit/weight_mean" in h]
+    assert logged and all(0.8 <= h["remit/weight_mean"] <= 1.2 for h in logged)
+    live = mt_config(small_world[0].home, reference=reference, token_budget=8192)
+    assert _frozen_inputs(live).key != again.key and again.frozen is not None and _frozen_inputs(live).frozen is None
+    assert midtrain(cfg).reused
+
+
+def test_frozen_delta_with_an_online_reference_is_refused_by_name():
+    from flywheel.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="midtrain.delta_base: frozen reads the cached log-probs"):
+        validate_config({"name": "x", "midtrain": {"delta_base": "frozen", "reference_mode": "online"}})

@@ -17,15 +17,13 @@ they are computed for, and nothing else in the study can be read.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from flywheel.config import FlywheelConfig
-from flywheel.data.io import atomic_dir, publish, write_json
+from flywheel.data.io import atomic_dir
 from flywheel.errors import FlywheelError
 
 ORACLE_KEY = "flywheel_oracle"
@@ -69,7 +67,7 @@ def write_oracle_cache(cfg: FlywheelConfig, reference: str, oracle: str | Path, 
     """The reference cache ReMiT will read for `oracle` on this config's mixture (reused when present)."""
     from flywheel.ablation.tokens import answer_mask, pieces
     from flywheel.models import load_tokenizer, tokenizer_identity
-    from flywheel.remit.scoring import _sha256, cache_key, open_cache, score_reference
+    from flywheel.remit.scoring import cache_key, open_cache, score_reference, write_derived_cache
 
     if cfg.midtrain.reference_mode != "cached":
         raise FlywheelError("the oracle reference exists only as a cache; set midtrain.reference_mode: cached")
@@ -83,36 +81,25 @@ def write_oracle_cache(cfg: FlywheelConfig, reference: str, oracle: str | Path, 
         open_cache(final, key, rows, seq_len)
         return final
     table = pieces(tok)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
-    index = dict(source.cache.index)
-    chunks, answers = [], 0
-    try:
-        for c, entry in enumerate(source.cache.index["chunks"]):
-            lo = c * source.cache.rows_per_chunk
-            arr = np.array(source.cache.chunks[c], copy=True)
-            for r in range(len(arr)):
-                mask = answer_mask(np.asarray(packed.input_ids[lo + r]), table, certain_of)
-                answers += int(mask.sum())
-                arr[r][mask] = ANSWER_LOGPROB
-            with tempfile.NamedTemporaryFile(dir=partial, suffix=".tmp", delete=False) as f:
-                np.save(f, arr)
-            publish(f.name, partial / entry["file"])
-            chunks.append({**entry, "sha256": _sha256(partial / entry["file"])})
+    answers = 0
+
+    def certain(c: int, lp: np.ndarray) -> np.ndarray:
+        nonlocal answers
+        lo, arr = c * source.cache.rows_per_chunk, np.array(lp, copy=True)
+        for r in range(len(arr)):
+            mask = answer_mask(np.asarray(packed.input_ids[lo + r]), table, certain_of)
+            answers += int(mask.sum())
+            arr[r][mask] = ANSWER_LOGPROB
+        return arr
+
+    def index_fields() -> dict:
         if not answers:
             raise FlywheelError("the oracle reference: the mid-training data has no answer tokens (text after "
                                 "`####` on a line), so an oracle would equal the RL reference; use GSM-style data")
-        index.update({"key": key, "chunks": chunks, "reference": str(oracle), "oracle_of": reference,
-                      "answer_tokens": answers, "certain_of": certain_of})
         from flywheel.models import model_identity
 
-        index["reference_identity"] = model_identity(str(oracle))
-        write_json(partial / "index.json", index)
-        if final.exists():  # someone wrote the same cache first
-            shutil.rmtree(partial)
-        else:
-            os.replace(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        return {"reference": str(oracle), "oracle_of": reference, "answer_tokens": answers,
+                "certain_of": certain_of, "reference_identity": model_identity(str(oracle))}
+
+    write_derived_cache(source.cache, final, key, certain, index_fields)
     return final

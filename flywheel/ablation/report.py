@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flywheel.ablation.catalogue import baseline_of
+from flywheel.ablation.catalogue import baseline_of, contrast_of
 from flywheel.ablation.stats import (
     Comparison,
     Estimate,
@@ -84,6 +84,7 @@ def _pairs(variants: list[str]) -> list[tuple[str, str]]:
     pairs = [(METHOD, v) for v in variants if METHOD in variants and v != METHOD]
     pairs += [(v, _baseline(v)) for v in variants
               if _baseline(v) in variants and v not in (_baseline(v), METHOD)]
+    pairs += [(v, c) for v in variants if (c := contrast_of(v)) in variants and (c, v) not in pairs]
     return pairs
 
 

@@ -76,35 +76,46 @@ def _pair_value(cell: dict[str, Any], measure: str, role: str | None, i: int) ->
     return value(cell["curve"][i], measure, role)
 
 
+def partners(variant: str, variants: list[str]) -> list[str]:
+    """What a variant is paired with: its NTP of the same length, and the variant it contrasts (if run)."""
+    v = _variant(variant)
+    if v is None:
+        return []
+    return [p for p in (v.baseline, v.contrast) if p and p != variant and p in variants]
+
+
 def differences(variants: list[str], references: dict[str, Any], cells: list[dict[str, Any]]
                 ) -> list[dict[str, Any]]:
-    """variant − its NTP baseline, paired by seed: avg at the end; each NLL measure at every point."""
+    """variant − each partner, paired by seed: avg at the end; each NLL measure at every point."""
     rows = []
     for variant in variants:
-        v = _variant(variant)
-        if v is None or v.baseline == variant or v.baseline not in variants:
-            continue
-        mine, theirs = _cells(cells, variant), _cells(cells, v.baseline)
-        seeds = sorted(set(mine) & set(theirs))
-        if not seeds:
-            continue
-        role = role_of(variant, references)
-        n_points = min(len(c["curve"]) for c in [*mine.values(), *theirs.values()])
-        row: dict[str, Any] = {"variant": variant, "baseline": v.baseline, "role": role, "seeds": seeds,
-                               "points": []}
-        for i in range(n_points):
-            point: dict[str, Any] = {"tokens": mine[seeds[0]]["curve"][i]["tokens"]}
-            for m in (*DIFF_MEASURES, "middle"):
-                pairs = [(a, b) for s in seeds
-                         if (a := _pair_value(mine[s], m, role, i)) is not None
-                         and (b := _pair_value(theirs[s], m, role, i)) is not None]
-                if not pairs:
-                    continue
-                test = compare([a for a, _ in pairs], [b for _, b in pairs], paired=True, names=(variant, v.baseline))
-                point[m] = {"diff": _est([a - b for a, b in pairs]), "p_value": test.p_value}
-            row["points"].append(point)
-        rows.append(row)
+        for other in partners(variant, variants):
+            row = _difference(variant, other, role_of(variant, references), cells)
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def _difference(variant: str, other: str, role: str | None, cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One variant − another over the seeds both finished; None when they share none."""
+    mine, theirs = _cells(cells, variant), _cells(cells, other)
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    n_points = min(len(c["curve"]) for c in [*mine.values(), *theirs.values()])
+    row: dict[str, Any] = {"variant": variant, "baseline": other, "role": role, "seeds": seeds, "points": []}
+    for i in range(n_points):
+        point: dict[str, Any] = {"tokens": mine[seeds[0]]["curve"][i]["tokens"]}
+        for m in (*DIFF_MEASURES, "middle"):
+            pairs = [(a, b) for s in seeds
+                     if (a := _pair_value(mine[s], m, role, i)) is not None
+                     and (b := _pair_value(theirs[s], m, role, i)) is not None]
+            if not pairs:
+                continue
+            test = compare([a for a, _ in pairs], [b for _, b in pairs], paired=True, names=(variant, other))
+            point[m] = {"diff": _est([a - b for a, b in pairs]), "p_value": test.p_value}
+        row["points"].append(point)
+    return row
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -141,7 +152,8 @@ def token_markdown(summary: dict[str, Any] | None) -> list[str]:
     rows = summary["differences"]
     if rows:
         n_tests = sum(1 for r in rows for m in DIFF_MEASURES if r["points"][-1].get(m))
-        lines += ["", "## Each variant − NTP of the same length, end of anneal (paired over seeds; "
+        lines += ["", "## Each variant − NTP of the same length (and − the variant it contrasts), end of anneal "
+                  "(paired over seeds; "
                   f"Δavg in points, ΔNLL in nats/token; {n_tests} unadjusted tests)", "",
                   "| variant | − | seeds | " + " | ".join(f"Δ{m}" for m in DIFF_MEASURES) + " |",
                   "|" + "|".join(["---"] * (len(DIFF_MEASURES) + 3)) + "|"]

@@ -43,7 +43,7 @@ from flywheel.remit.catalog import Objective, objective_named
 log = logging.getLogger("flywheel.midtrain")
 
 MIDTRAIN_VERSION = 1
-LATER_FIELDS = {"centring": "mean", "mapping": "sigmoid"}  # midtrain fields added after MIDTRAIN_VERSION 1
+LATER_FIELDS = {"centring": "mean", "mapping": "sigmoid", "delta_base": "live"}  # midtrain fields added after MIDTRAIN_VERSION 1
 
 
 @dataclass
@@ -136,6 +136,7 @@ class AnnealInputs:
     packed: Any
     cache: Any  # the scored reference (`ReferenceCache`) where the objective trains from it, else None
     key: str
+    frozen: Any = None  # `FrozenWeights` under midtrain.delta_base: frozen (flywheel/remit/frozen.py), else None
 
 
 def midtrain(cfg: FlywheelConfig, base: str | None = None, reference: str | None = None,
@@ -196,8 +197,13 @@ def anneal_inputs(cfg: FlywheelConfig, base: str, reference: str | None) -> Anne
     corpus = build_mixture(cfg, tok, tokenizer_identity(tok))
     cache = score_reference(cfg, reference).cache if objective.reads_cache(mt.reference_mode) else None
     packed = corpus.load()
+    frozen = None
+    if cache is not None and objective.follows_weight_settings and mt.delta_base == "frozen":
+        from flywheel.remit.frozen import frozen_inputs
+
+        frozen = frozen_inputs(cfg, base, cache, packed)  # the base scored like a reference, then the weights
     key = midtrain_key(cfg, base_path, ref_path, corpus.key)
-    return AnnealInputs(objective, base, reference, base_path, ref_path, tok, corpus, packed, cache, key)
+    return AnnealInputs(objective, base, reference, base_path, ref_path, tok, corpus, packed, cache, key, frozen)
 
 
 def _finished(run_dir: Path, key: str) -> MidtrainResult | None:
@@ -240,7 +246,7 @@ def _trainer(cfg: FlywheelConfig, inputs: AnnealInputs, run_dir: Path, steps: in
     return ReMiTTrainer(
         model=model,
         args=training_arguments(cfg, run_dir / "checkpoints", steps, logging_steps),
-        train_dataset=PackedDataset(inputs.packed, inputs.cache),
+        train_dataset=PackedDataset(inputs.packed, inputs.cache, inputs.frozen),
         data_collator=default_data_collator,
         processing_class=inputs.tokenizer,
         objective=mt.objective,
@@ -282,11 +288,12 @@ def _weight_page(cfg: FlywheelConfig, objective: Objective, diagnostics: Any, ru
     """The token-weight page of an objective that weighs tokens; its rule goes into `metrics`."""
     if diagnostics is None:
         return None
+    from flywheel.remit.frozen import describe_base
     from flywheel.remit.weights import describe
 
     mt = cfg.midtrain
-    rule = describe(mt.epsilon, mt.centring, mt.mapping) if objective.follows_weight_settings \
-        else objective.weight_rule
+    rule = describe(mt.epsilon, mt.centring, mt.mapping) + describe_base(mt.delta_base) \
+        if objective.follows_weight_settings else objective.weight_rule
     metrics["weight_rule"] = rule
     return diagnostics.write_html(run_dir / "remit-weights.html", f"{cfg.name}: {mt.objective} token weights, {rule}",
                                   mt.epsilon)

@@ -70,15 +70,24 @@ def remit_on_logprobs(
     doc_ids: torch.Tensor | None = None,
     centring: str = "mean",
     mapping: str = "sigmoid",
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossParts:
-    """ReMiT from log p_theta(target) WITH grad: the weights come from its detached value (no grad)."""
+    """ReMiT from log p_theta(target) WITH grad: the weights come from its detached value (no grad).
+
+    `frozen` (weights, base log-probs): δ against the frozen base, the weights stored before training
+    (flywheel/remit/frozen.py) and applied as they are.
+    """
     cur = logp.detach()
-    w = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids, centring=centring, mapping=mapping)
+    if frozen is not None:
+        w, against = torch.where(mask, frozen[0].to(logp.dtype), 0.0), frozen[1]
+    else:
+        w, against = remit_weights(ref_logprobs, cur, mask, epsilon=epsilon, doc_ids=doc_ids, centring=centring,
+                                   mapping=mapping), cur
     return LossParts(
         loss_sum=(w * -logp).sum(),
         token_logprobs=cur,
         weights=w,
-        delta=logprob_delta(ref_logprobs, cur, mask),
+        delta=logprob_delta(ref_logprobs, against, mask),
     )
 
 
@@ -91,10 +100,11 @@ def remit(
     doc_ids: torch.Tensor | None = None,
     centring: str = "mean",
     mapping: str = "sigmoid",
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossParts:
     """ReMiT: NLL re-weighted per token by how much more the reference expects it than the current model."""
     return remit_on_logprobs(token_logprobs(logits, targets, mask), mask, ref_logprobs, epsilon, doc_ids,
-                             centring, mapping)
+                             centring, mapping, frozen)
 
 
 def rho1_weights(
@@ -190,6 +200,7 @@ class LossContext:
     rho1_keep: float = 0.8
     kd: dict = field(default_factory=dict)  # temperature, alpha, top_k
     chunk_tokens: int = 2048  # the chunked kernel's tokens per output-layer chunk
+    frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # delta_base frozen: (stored weights, base log-probs)
 
     def ref_logits(self, span: Span) -> torch.Tensor:
         """The reference's logits at `span`, without grad."""
@@ -200,6 +211,9 @@ class LossContext:
 
     def docs(self, span: Span) -> torch.Tensor | None:
         return None if self.doc_ids is None else self.doc_ids[span]
+
+    def frozen_at(self, span: Span) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.frozen is None else (self.frozen[0][span], self.frozen[1][span])
 
 
 @dataclass
@@ -236,9 +250,9 @@ LOSSES: dict[str, Loss] = {
         on_logprobs=lambda logp, mask, ctx: ntp_on_logprobs(logp)),
     "remit": Loss(
         on_logits=lambda z, t, m, ctx, span: remit(z, t, m, ctx.ref_logprobs[span], ctx.epsilon, ctx.docs(span),
-                                                   ctx.centring, ctx.mapping),
+                                                   ctx.centring, ctx.mapping, ctx.frozen_at(span)),
         on_logprobs=lambda logp, mask, ctx: remit_on_logprobs(logp, mask, ctx.ref_logprobs, ctx.epsilon,
-                                                              ctx.doc_ids, ctx.centring, ctx.mapping)),
+                                                              ctx.doc_ids, ctx.centring, ctx.mapping, ctx.frozen)),
     "kd": Loss(on_logits=lambda z, t, m, ctx, span: kd(z, t, m, ctx.ref_logits(span), **ctx.kd)),
     "rho1": Loss(
         on_logits=lambda z, t, m, ctx, span: rho1(z, t, m, ctx.ref_logprobs[span], keep=ctx.rho1_keep),

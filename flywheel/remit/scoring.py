@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,33 @@ def open_cache(folder: Path, expected_key: str, rows: int, seq_len: int, verify:
     if sum(len(c) for c in chunks) != rows:
         raise _refuse(folder, "its chunks do not add up to the corpus's rows")
     return ReferenceCache(folder, index, chunks)
+
+
+def write_derived_cache(source: ReferenceCache, final: Path, key: str, chunk_of: Callable[[int, np.ndarray], np.ndarray],
+                        index_extra: Callable[[], dict]) -> None:
+    """Write a cache derived chunk by chunk from `source` (same rows, layout and index), published whole.
+
+    `chunk_of(c, source_chunk)` gives chunk c's array; `index_extra()`, called after the last chunk, the index's
+    own fields (it may raise to refuse the result). The folder is built under a temporary name and renamed to
+    `final` at the end; an interruption or a refusal leaves nothing behind.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
+    try:
+        chunks = []
+        for c, entry in enumerate(source.index["chunks"]):
+            with tempfile.NamedTemporaryFile(dir=partial, suffix=".tmp", delete=False) as f:
+                np.save(f, chunk_of(c, source.chunks[c]))
+            publish(f.name, partial / entry["file"])
+            chunks.append({**entry, "sha256": _sha256(partial / entry["file"])})
+        write_json(partial / "index.json", {**source.index, "key": key, "chunks": chunks, **index_extra()})
+        if final.exists():  # someone wrote the same cache first
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def reference_logprobs(model, input_ids, kernel: str = "auto", chunk_tokens: int = 2048):  # noqa: ANN001, ANN201

@@ -22,16 +22,21 @@ from flywheel.perf import SpeedMonitor
 from flywheel.remit import kernels
 from flywheel.remit.catalog import objective_named
 from flywheel.remit.diagnostics import Diagnostics
+from flywheel.remit.frozen import FrozenWeights
 from flywheel.remit.objectives import LossContext
 from flywheel.remit.scoring import ReferenceCache, reference_logprobs
 from flywheel.safety import TrainingSafety
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Packed rows as Trainer inputs; with a cache, each row carries its reference log-probs."""
+    """Packed rows as Trainer inputs; with a cache, each row carries its reference log-probs.
 
-    def __init__(self, packed: Packed, cache: ReferenceCache | None = None):
-        self.packed, self.cache = packed, cache
+    With `frozen` (midtrain.delta_base: frozen) a row also carries its stored ReMiT weights and the
+    pre-anneal base's log-probs they were computed from.
+    """
+
+    def __init__(self, packed: Packed, cache: ReferenceCache | None = None, frozen: FrozenWeights | None = None):
+        self.packed, self.cache, self.frozen = packed, cache, frozen
 
     def __len__(self) -> int:
         return len(self.packed)
@@ -45,6 +50,9 @@ class PackedDataset(torch.utils.data.Dataset):
         }
         if self.cache is not None:
             item["ref_logprobs"] = torch.from_numpy(np.asarray(self.cache.rows(i), dtype=np.float32))
+        if self.frozen is not None:
+            item["frozen_weights"] = torch.from_numpy(np.asarray(self.frozen.weights.rows(i), dtype=np.float32))
+            item["base_logprobs"] = torch.from_numpy(np.asarray(self.frozen.base.rows(i), dtype=np.float32))
         return item
 
 
@@ -112,8 +120,11 @@ class ReMiTTrainer(SpeedMonitor, TrainingSafety, Trainer):
         elif self.spec.uses_ref_distribution:  # online only (the config enforces it)
             ref_head = self._reference_head(inputs["input_ids"])
         doc_ids = inputs["doc_ids"][:, 1:] if "doc_ids" in inputs else None
+        frozen = (inputs["frozen_weights"][:, 1:], inputs["base_logprobs"][:, 1:]) if "frozen_weights" in inputs \
+            else None  # midtrain.delta_base: frozen, for an objective that weighs by the ReMiT rule
         return LossContext(ref_logprobs, ref_head, doc_ids, self.epsilon, self.centring, self.mapping,
-                           self.rho1_keep, self.kd, self.loss_chunk_tokens)
+                           self.rho1_keep, self.kd, self.loss_chunk_tokens,
+                           frozen if self.spec.follows_weight_settings else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         targets = inputs["labels"][:, 1:]
