@@ -70,11 +70,13 @@ def _dose_variants() -> dict[str, Variant]:
         for eps_name, eps in DOSE_EPSILONS.items():
             stem = f"remit{'_strong' if ref == 'strong' else ''}_{eps_name}"
             clip = "no clip" if eps is None else f"clip epsilon {eps}"
+            strong = ref == "strong"  # a strong-reference cell is read against the RL one of the same ε as well
             if stem not in VARIANTS:
-                out[stem] = Variant("remit", ref, midtrain={"epsilon": eps}, about=f"ReMiT, {ref_about}, {clip}")
+                out[stem] = Variant("remit", ref, midtrain={"epsilon": eps}, about=f"ReMiT, {ref_about}, {clip}",
+                                    contrast=f"remit_{eps_name}" if strong else None)
             out[f"{stem}_5x"] = Variant("remit", ref, midtrain={"epsilon": eps}, budget_scale=LONG,
                                         about=f"ReMiT, {ref_about}, {clip}, anneal 5× as long", baseline="ntp_5x",
-                                        max_seeds=DOSE_LONG_SEEDS)
+                                        max_seeds=DOSE_LONG_SEEDS, contrast=f"remit_{eps_name}_5x" if strong else None)
     out["remit_oracle_noclip"] = Variant("remit", "oracle", midtrain={"epsilon": None},
                                          about="positive control: ReMiT, no clip, guided by the RL reference "
                                                "made certain of every final answer")
