@@ -486,3 +486,18 @@ def test_frozen_delta_with_an_online_reference_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="midtrain.delta_base: frozen reads the cached log-probs"):
         validate_config({"name": "x", "midtrain": {"delta_base": "frozen", "reference_mode": "online"}})
+
+
+def test_delta_base_enters_the_midtrain_key_only_when_frozen_so_earlier_anneals_keep_theirs():
+    from flywheel.config import validate_config
+    from flywheel.remit.midtrain import midtrain_key
+
+    def key(**mt):
+        cfg = validate_config({"name": "test", "seed": 0, "home": "/tmp/x", "midtrain": mt})
+        return midtrain_key(cfg, "base/id", "ref/id", "corpus")
+
+    # the keys these configs had before delta_base existed (computed at commit 4d4ae40)
+    assert key() == key(delta_base="live") == "dc7fc88ef4625310"
+    assert key(objective="ntp") == "ebe781afd412f54f"
+    assert key(epsilon=None, centring="zscore") == "7f8d3ebc3d4053ae"
+    assert key(delta_base="frozen") not in {"dc7fc88ef4625310", key(epsilon=0.5)}
