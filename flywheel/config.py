@@ -673,7 +673,9 @@ def config_summary(cfg: FlywheelConfig) -> list[tuple[str, str]]:
         ("name", cfg.name),
         ("home", str(cfg.home)),
         ("base model", f"{cfg.model.source} ({cfg.model.dtype})"),
-        ("mid-training", f"{mt.objective} ({eps}, reference {mt.reference_mode}), {mt.token_budget:,} tokens"),
+        ("mid-training", f"{mt.objective} ({eps}, reference {mt.reference_mode}"
+                         f"{', δ against the frozen base' if mt.delta_base == 'frozen' else ''}), "
+                         f"{mt.token_budget:,} tokens"),
         ("data mix", mix),
         ("post-training", chain),
         ("evaluation", ", ".join(cfg.evaluation.tasks)),

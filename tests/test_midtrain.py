@@ -192,6 +192,32 @@ def test_interrupted_scoring_resumes_at_the_first_missing_chunk(small_world, ref
         assert np.array_equal(a, np.asarray(b))
 
 
+def test_scoring_that_another_run_publishes_first_returns_that_cache_instead_of_failing(small_world, reference,
+                                                                                        monkeypatch):
+    """Two runs on one home scoring the same cache share its partial folder; the one that finishes second
+    used to die on a vanished folder (found starting `flywheel midtrain` twice by hand)."""
+    import flywheel.remit.scoring as scoring
+
+    cfg = mt_config(small_world[0].home, reference=reference, seq_len=32)
+    chunk_tokens = 32 * 16
+    done = score_reference(cfg, reference, chunk_tokens=chunk_tokens)
+    final = done.cache.folder
+    assert len(done.cache.chunks) >= 3
+    aside = final.with_name(final.name + ".aside")
+    final.rename(aside)  # scoring starts again from nothing ...
+
+    def the_other_run_publishes(name):  # ... and after its first chunk, the other run renames the folder
+        if name == "score-reference-chunk" and not final.exists():
+            shutil.rmtree(final.with_name(final.name + ".partial"))
+            aside.rename(final)
+
+    monkeypatch.setattr(scoring, "failpoint", the_other_run_publishes)
+    again = score_reference(cfg, reference, chunk_tokens=chunk_tokens)
+    assert again.cache.folder == final and again.computed_chunks == []
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(done.cache.chunks, again.cache.chunks,
+                                                                              strict=True))
+
+
 SCORE_RANK = """
 import json, os, sys, torch
 sys.path.insert(0, {repo!r})

@@ -157,10 +157,7 @@ def write_derived_cache(source: ReferenceCache, final: Path, key: str, chunk_of:
             publish(f.name, partial / entry["file"])
             chunks.append({**entry, "sha256": _sha256(partial / entry["file"])})
         write_json(partial / "index.json", {**source.index, "key": key, "chunks": chunks, **index_extra()})
-        if final.exists():  # someone wrote the same cache first
-            shutil.rmtree(partial)
-        else:
-            os.replace(partial, final)
+        _publish_folder(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -249,12 +246,18 @@ def score_reference(cfg: FlywheelConfig, reference: str, chunk_tokens: int = CHU
 
     job.partial.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank()
-    computed, tps, mfu = _score_chunks(cfg, reference, job, range(rank, job.n_chunks, world))
-    if rank != 0:
-        wait_until("rank 0 to write the reference cache's index",
-                   lambda: [] if (job.final / "index.json").exists() else ["index.json"])
-    else:
-        _write_index(cfg, reference, job, others=set(range(job.n_chunks)) - set(range(0, job.n_chunks, world)))
+    try:
+        computed, tps, mfu = _score_chunks(cfg, reference, job, range(rank, job.n_chunks, world))
+        if rank != 0:
+            wait_until("rank 0 to write the reference cache's index",
+                       lambda: [] if (job.final / "index.json").exists() else ["index.json"])
+        else:
+            _write_index(cfg, reference, job, others=set(range(job.n_chunks)) - set(range(0, job.n_chunks, world)))
+    except FileNotFoundError:
+        if not (job.final / "index.json").exists():
+            raise
+        # another run on this home scored the same cache and published it (the partial folder was shared)
+        return ScoreReport(job.cache(), job.corpus, [], time.perf_counter() - t0, None)
     return ScoreReport(job.cache(verify=False), job.corpus, computed, time.perf_counter() - t0, tps, mfu)
 
 
@@ -344,4 +347,14 @@ def _write_index(cfg: FlywheelConfig, reference: str, job: _Scoring, others: set
         "rows_per_chunk": job.rows_per_chunk, "chunks": chunks, "reference": reference,
         "reference_identity": model_identity(job.ref_path), "corpus": job.corpus.key, "tokenizer": job.tok_id,
     })
-    os.replace(job.partial, job.final)
+    _publish_folder(job.partial, job.final)
+
+
+def _publish_folder(partial: Path, final: Path) -> None:
+    """Rename a finished cache folder into place; if another run published the same one first, keep theirs."""
+    try:
+        os.replace(partial, final)
+    except OSError:
+        if not (final / "index.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
