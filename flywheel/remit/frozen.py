@@ -9,8 +9,9 @@ training, can be inspected before it, are reused by every anneal that shares the
 weight settings, and do not drift as the student catches up.
 
 Layout of `home/cache/frozen-weights/<key>/`: the reference cache's (chunk-00000.npy … with column 0 set to
-0, and index.json written last, so `open_cache` reads and verifies it), in `midtrain.cache_dtype`. The key
-hashes both caches' keys and the weight settings.
+0, and index.json written last, so `open_cache` reads and verifies it), in float32: the weights are applied
+exactly as the live formula gives them (float16 would move the clip's ends, 1.2 to 1.2002, and hide which
+tokens were clipped). The key hashes both caches' keys and the weight settings.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from flywheel.data.io import distributed_rank, fingerprint, wait_until
 from flywheel.errors import FlywheelError
 from flywheel.remit.scoring import ReferenceCache, open_cache, write_derived_cache
 
-FROZEN_VERSION = 1
+FROZEN_VERSION = 2  # 2: weights stored in float32 (1 stored them in midtrain.cache_dtype)
+WEIGHTS_DTYPE = "float32"
 
 
 @dataclass
@@ -59,7 +61,7 @@ def weights_of_rows(mt: MidtrainConfig, ref: np.ndarray, base: np.ndarray, doc_i
     r, b = tensor(ref, np.float32), tensor(base, np.float32)
     w = remit_weights(r, b, torch.ones_like(r, dtype=torch.bool), mt.epsilon, tensor(doc_ids, np.int64),
                       mt.centring, mt.mapping)
-    out = np.zeros(np.shape(ref), dtype=mt.cache_dtype)
+    out = np.zeros(np.shape(ref), dtype=WEIGHTS_DTYPE)
     out[:, 1:] = w.numpy()
     return out
 
@@ -85,7 +87,7 @@ def frozen_weights(cfg: FlywheelConfig, reference: ReferenceCache, base: Referen
                 return weights_of_rows(mt, ref, base.chunks[c], packed.doc_ids[lo:lo + len(ref)])
 
             write_derived_cache(reference, final, key, chunk, lambda: {
-                "dtype": mt.cache_dtype, "weights_of": {"reference_cache": reference.index["key"],
+                "dtype": WEIGHTS_DTYPE, "weights_of": {"reference_cache": reference.index["key"],
                                                         "base_cache": base.index["key"], "epsilon": mt.epsilon,
                                                         "centring": mt.centring, "mapping": mt.mapping}})
             computed = True

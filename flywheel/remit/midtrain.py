@@ -39,6 +39,7 @@ from flywheel.models import (
 from flywheel.perf import speed_summary
 from flywheel.refs import model_location
 from flywheel.remit.catalog import Objective, objective_named
+from flywheel.remit.frozen import FROZEN_VERSION
 
 log = logging.getLogger("flywheel.midtrain")
 
@@ -118,8 +119,9 @@ def midtrain_key(cfg: FlywheelConfig, base_path: str, ref_path: str | None, corp
     ref_id = model_identity(ref_path) if ref_path and objective_named(cfg.midtrain.objective).needs_reference \
         else None
     precision = [cfg.model.precision] if cfg.model.dtype != "float32" else []  # float32 trains alike either way
+    frozen = [f"frozen-{FROZEN_VERSION}"] if section.get("delta_base") == "frozen" else []  # how its weights are made
     return fingerprint(MIDTRAIN_VERSION, section, model_identity(base_path), ref_id, corpus_key, cfg.seed,
-                       cfg.model.dtype, _world_size(), *precision)
+                       cfg.model.dtype, _world_size(), *precision, *frozen)
 
 
 @dataclass
