@@ -166,7 +166,8 @@ def token_markdown(summary: dict[str, Any] | None) -> list[str]:
 
 
 def plot_token_curves(summary: dict[str, Any], path: Path) -> Path:
-    """ΔNLL against NTP of the same length along the anneal, one panel per class and δ-third."""
+    """ΔNLL along the anneal, one panel per class and δ-third: against NTP of the same length (solid) or the
+    variant a row contrasts (dashed, labelled `a − b`)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -178,24 +179,25 @@ def plot_token_curves(summary: dict[str, Any], path: Path) -> Path:
     colours = plt.get_cmap("tab20").colors
     for i, row in enumerate(summary["differences"]):
         colour = colours[(2 * i) % len(colours) + (i // 10) % 2]
-        style = "--" if row["baseline"] != "ntp" else "-"
+        style = "-" if VARIANTS.get(row["baseline"], Variant("")).objective == "ntp" else "--"  # dashed: a contrast
         for ax, m in zip(axes.flat, panels, strict=True):
             pts = [(p["tokens"], p[m]["diff"]) for p in row["points"] if p.get(m)]
             if not pts:
                 continue
             ax.errorbar([t for t, _ in pts], [d["mean"] for _, d in pts], yerr=[d["ci95"] or 0.0 for _, d in pts],
-                        color=colour, linestyle=style, marker="o", markersize=3, capsize=2, label=row["variant"])
+                        color=colour, linestyle=style, marker="o", markersize=3, capsize=2,
+                        label=row["variant"] if style == "-" else f"{row['variant']} − {row['baseline']}")
     for ax, m in zip(axes.flat, panels, strict=True):
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the points' own ticks only
         title = f"δ {m} third" if m in BUCKETS else f"{m} tokens"
-        ax.set_title(f"{title}: ΔNLL vs NTP (nats/token)", fontsize="medium")
+        ax.set_title(f"{title}: ΔNLL (nats/token)", fontsize="medium")
     for ax in axes[1]:
         ax.set_xlabel("mid-training tokens")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize="small", loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.tight_layout(rect=(0, 0, 0.84 if max(map(len, labels), default=0) <= 24 else 0.74, 1))  # room for the legend
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
