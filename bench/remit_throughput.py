@@ -4,6 +4,8 @@ What it measures
     Same model size, batch and sequence length for every mode:
       ntp            plain next-token prediction (the baseline every ratio is taken against)
       remit_cached   ReMiT reading reference log-probs from a float16 cache (memory-mapped .npy)
+      remit_frozen   ReMiT with δ against the frozen base (`midtrain.delta_base: frozen`): the weights
+                     stored before training (float32) beside the reference's and the base's caches
       remit_online   ReMiT with a frozen same-size reference model run forward on every batch
       rho1_cached    Rho-1 selective LM from the same cache
       kd_online      knowledge distillation from the online reference (needs its whole distribution)
@@ -64,9 +66,10 @@ from flywheel.env import apply_offline_env  # noqa: E402
 
 apply_offline_env()
 
-TRAIN_MODES: dict[str, tuple[str, str | None]] = {  # mode -> (objective, reference: None / cached / online)
+TRAIN_MODES: dict[str, tuple[str, str | None]] = {  # mode -> (objective, reference: None / cached / frozen / online)
     "ntp": ("ntp", None),
     "remit_cached": ("remit", "cached"),
+    "remit_frozen": ("remit", "frozen"),
     "remit_online": ("remit", "online"),
     "rho1_cached": ("rho1", "cached"),
     "kd_online": ("kd", "online"),
@@ -81,6 +84,7 @@ TARGETS: dict[str, tuple[str, float, tuple[str, str]]] = {
     "online_over_ntp": (">=", 0.72, ("remit_online", "ntp")),
     "scoring_over_ntp_train": (">=", 2.5, ("scoring", "ntp")),
     "cached_peak_rss_over_ntp": ("<=", 1.05, ("remit_cached", "ntp")),
+    "frozen_over_cached": (">=", 0.97, ("remit_frozen", "remit_cached")),  # issue 34: stored weights cost nothing
 }
 
 
@@ -201,14 +205,22 @@ def prepare_inputs(s: Settings, workdir: Path) -> int:
     np.save(workdir / "input_ids.npy", input_ids)
     np.save(workdir / "doc_ids.npy", packed.doc_ids[: s.rows])
 
-    reference = new_model(s.size, tok, seed=REFERENCE_SEED).eval()
-    cache = np.empty(input_ids.shape, dtype=np.float16)
-    with torch.inference_mode():
-        for lo in range(0, s.rows, s.score_batch):
-            ids = torch.from_numpy(input_ids[lo : lo + s.score_batch].astype(np.int64))
-            cache[lo : lo + len(ids)] = reference_logprobs(reference, ids).clamp_(min=-FP16_MAX).numpy()
-    np.save(workdir / "ref-chunk-00000.npy", cache)
-    return sum(p.numel() for p in reference.parameters())
+    from flywheel.config import MidtrainConfig
+    from flywheel.remit.frozen import weights_of_rows
+
+    caches = {}
+    for name, seed in (("ref", REFERENCE_SEED), ("base", MODEL_SEED)):  # the base: the model trained, at step 0
+        model = new_model(s.size, tok, seed=seed).eval()
+        cache = np.empty(input_ids.shape, dtype=np.float16)
+        with torch.inference_mode():
+            for lo in range(0, s.rows, s.score_batch):
+                ids = torch.from_numpy(input_ids[lo : lo + s.score_batch].astype(np.int64))
+                cache[lo : lo + len(ids)] = reference_logprobs(model, ids).clamp_(min=-FP16_MAX).numpy()
+        np.save(workdir / f"{name}-chunk-00000.npy", cache)
+        caches[name] = cache
+    weights = weights_of_rows(MidtrainConfig(), caches["ref"], caches["base"], packed.doc_ids[: s.rows])
+    np.save(workdir / "weights-chunk-00000.npy", weights)
+    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,6 +235,7 @@ def run_training(mode: str, s: Settings, workdir: Path) -> dict[str, Any]:
     from flywheel.config import validate_config
     from flywheel.data.packing import Packed
     from flywheel.remit.diagnostics import Diagnostics
+    from flywheel.remit.frozen import FrozenWeights
     from flywheel.remit.midtrain import training_arguments
     from flywheel.remit.scoring import ReferenceCache
     from flywheel.remit.trainer import PackedDataset, ReMiTTrainer
@@ -231,10 +244,12 @@ def run_training(mode: str, s: Settings, workdir: Path) -> dict[str, Any]:
     objective, reference_mode = TRAIN_MODES[mode]
     tok = PreTrainedTokenizerFast.from_pretrained(str(workdir / "tokenizer"))
     packed = Packed(np.load(workdir / "input_ids.npy"), np.load(workdir / "doc_ids.npy"))
-    cache = None
-    if reference_mode == "cached":  # what `open_cache` gives training: memory-mapped float16 chunks
-        chunk = np.load(workdir / "ref-chunk-00000.npy", mmap_mode="r")
-        cache = ReferenceCache(folder=workdir, index={"rows_per_chunk": len(chunk)}, chunks=[chunk])
+    def opened(name: str) -> ReferenceCache:  # what `open_cache` gives training: memory-mapped chunks
+        chunk = np.load(workdir / f"{name}-chunk-00000.npy", mmap_mode="r")
+        return ReferenceCache(folder=workdir, index={"rows_per_chunk": len(chunk)}, chunks=[chunk])
+
+    cache = opened("ref") if reference_mode in ("cached", "frozen") else None
+    frozen = FrozenWeights(opened("weights"), opened("base"), computed=False) if reference_mode == "frozen" else None
     model = new_model(s.size, tok, seed=MODEL_SEED)
     reference = new_model(s.size, tok, seed=REFERENCE_SEED) if reference_mode == "online" else None
     use_diagnostics = s.diagnostics and objective in ("remit", "rho1")
@@ -254,7 +269,7 @@ def run_training(mode: str, s: Settings, workdir: Path) -> dict[str, Any]:
         trainer = ReMiTTrainer(
             model=model,
             args=args,
-            train_dataset=PackedDataset(packed, cache),
+            train_dataset=PackedDataset(packed, cache, frozen),
             data_collator=default_data_collator,
             processing_class=tok,
             objective=objective,
@@ -315,6 +330,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     rss = {m: statistics.median(r["peak_rss_mb"] for r in rs) for m, rs in runs.items()}
     return {
         "cached_over_ntp": tps["remit_cached"] / tps["ntp"],
+        "frozen_over_ntp": tps["remit_frozen"] / tps["ntp"],
+        "frozen_over_cached": tps["remit_frozen"] / tps["remit_cached"],
         "online_over_ntp": tps["remit_online"] / tps["ntp"],
         "rho1_over_ntp": tps["rho1_cached"] / tps["ntp"],
         "kd_over_ntp": tps["kd_online"] / tps["ntp"],

@@ -291,7 +291,7 @@ def test_an_unknown_ablation_study_is_one_sentence_before_any_server_starts(tmp_
     path.write_text("name: x\n")
     assert main(["ablate", str(path), "--study", "doses"]) == 2
     captured = capsys.readouterr()
-    assert "error: --study: must be one of dose (got 'doses')" in captured.err
+    assert "error: --study: must be one of dose, strong (got 'doses')" in captured.err
     assert "prefect" not in (captured.out + captured.err).lower()  # refused before a Prefect server started
 
 
