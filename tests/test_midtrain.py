@@ -528,3 +528,15 @@ def test_delta_base_enters_the_midtrain_key_only_when_frozen_so_earlier_anneals_
     assert key(objective="ntp") == "ebe781afd412f54f"
     assert key(epsilon=None, centring="zscore") == "7f8d3ebc3d4053ae"
     assert key(delta_base="frozen") not in {"dc7fc88ef4625310", key(epsilon=0.5)}
+
+
+def test_a_frozen_row_is_a_writable_copy_of_the_stored_weights(small_world, reference):
+    import warnings
+
+    cfg = mt_config(small_world[0].home, reference=reference, delta_base="frozen")
+    inputs = _frozen_inputs(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns (once per process) when it wraps a read-only memory map
+        item = PackedDataset(inputs.packed, inputs.cache, inputs.frozen)[0]
+    assert item["frozen_weights"].dtype == torch.float32
+    assert not np.shares_memory(item["frozen_weights"].numpy(), inputs.frozen.weights.chunks[0])  # a copy

@@ -51,7 +51,8 @@ class PackedDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             item["ref_logprobs"] = torch.from_numpy(np.asarray(self.cache.rows(i), dtype=np.float32))
         if self.frozen is not None:
-            item["frozen_weights"] = torch.from_numpy(np.asarray(self.frozen.weights.rows(i), dtype=np.float32))
+            # a copy: the stored float32 rows are a read-only memory map, which torch must not alias
+            item["frozen_weights"] = torch.from_numpy(np.array(self.frozen.weights.rows(i), dtype=np.float32))
             item["base_logprobs"] = torch.from_numpy(np.asarray(self.frozen.base.rows(i), dtype=np.float32))
         return item
 
