@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flywheel.ablation.catalogue import VARIANTS, Variant
+from flywheel.ablation.catalogue import VARIANTS, Variant, baseline_of
 from flywheel.ablation.stats import compare, mean_ci
 from flywheel.ablation.tokens import BUCKETS, CLASSES
 from flywheel.metrics import AVG
@@ -179,7 +179,7 @@ def plot_token_curves(summary: dict[str, Any], path: Path) -> Path:
     colours = plt.get_cmap("tab20").colors
     for i, row in enumerate(summary["differences"]):
         colour = colours[(2 * i) % len(colours) + (i // 10) % 2]
-        style = "-" if VARIANTS.get(row["baseline"], Variant("")).objective == "ntp" else "--"  # dashed: a contrast
+        style = "-" if row["baseline"] == baseline_of(row["variant"], row["baseline"]) else "--"  # dashed: a contrast
         for ax, m in zip(axes.flat, panels, strict=True):
             pts = [(p["tokens"], p[m]["diff"]) for p in row["points"] if p.get(m)]
             if not pts:

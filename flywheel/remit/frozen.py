@@ -24,7 +24,7 @@ import numpy as np
 from flywheel.config import FlywheelConfig, MidtrainConfig
 from flywheel.data.io import distributed_rank, fingerprint, wait_until
 from flywheel.errors import FlywheelError
-from flywheel.remit.scoring import ReferenceCache, open_cache, write_derived_cache
+from flywheel.remit.scoring import ReferenceCache, open_cache, score_reference, write_derived_cache
 
 FROZEN_VERSION = 2  # 2: weights stored in float32 (1 stored them in midtrain.cache_dtype)
 WEIGHTS_DTYPE = "float32"
@@ -99,8 +99,6 @@ def frozen_weights(cfg: FlywheelConfig, reference: ReferenceCache, base: Referen
 
 def frozen_inputs(cfg: FlywheelConfig, base: str, reference: ReferenceCache, packed: Any) -> FrozenWeights:
     """Score the pre-anneal base over the mixture like a reference (cached, reused), then its frozen weights."""
-    from flywheel.remit.scoring import score_reference
-
     return frozen_weights(cfg, reference, score_reference(cfg, base).cache, packed)
 
 

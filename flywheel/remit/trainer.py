@@ -124,8 +124,7 @@ class ReMiTTrainer(SpeedMonitor, TrainingSafety, Trainer):
         frozen = (inputs["frozen_weights"][:, 1:], inputs["base_logprobs"][:, 1:]) if "frozen_weights" in inputs \
             else None  # midtrain.delta_base: frozen, for an objective that weighs by the ReMiT rule
         return LossContext(ref_logprobs, ref_head, doc_ids, self.epsilon, self.centring, self.mapping,
-                           self.rho1_keep, self.kd, self.loss_chunk_tokens,
-                           frozen if self.spec.follows_weight_settings else None)
+                           self.rho1_keep, self.kd, self.loss_chunk_tokens, frozen)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         targets = inputs["labels"][:, 1:]
