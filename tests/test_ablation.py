@@ -314,6 +314,10 @@ def test_the_dose_study_plans_its_grid_and_refuses_a_missing_strong_reference(sm
     long, short = cell_config(plan, "remit_strong_eps0.5_5x", 0), cell_config(plan, "ntp", 0)
     assert long.midtrain.token_budget == 5 * short.midtrain.token_budget and long.midtrain.epsilon == 0.5
     assert Path(plan.token_heldout).is_file()
+    fresh = cfg.model_copy(update={"home": cfg.home.parent / "never-built"})
+    with pytest.raises(FlywheelError, match="configs/strong-reference.yaml builds one"):
+        prepare_ablation(fresh, size="smoke", study="strong")
+    assert not fresh.home.exists()  # refused before the world was built
     strong = prepare_ablation(cfg, size="smoke", study="strong", strong_reference=str(report.paths.base))
     assert len(strong.variants) == 11 and strong.posttrain is False
     frozen = cell_config(strong, "remit_strong_frozen_noclip", 0).midtrain

@@ -203,12 +203,15 @@ def _given_references(sized: FlywheelConfig, variants: list[str], given: dict[st
     from flywheel.refs import model_location
 
     refs = {"rl": given["rl"] or sized.midtrain.reference, **{r: p for r, p in given.items() if r != "rl"}}
-    refs = {role: model_location(sized, world_to_path(sized, r)) if r else None for role, r in refs.items()}
-    if any(VARIANTS[v].reference == "strong" for v in variants) and not refs["strong"]:
+    return {role: model_location(sized, world_to_path(sized, r)) if r else None for role, r in refs.items()}
+
+
+def _check_strong_reference(variants: list[str], strong_reference: str | None) -> None:
+    """Refuse strong-reference variants without one, before the world is built (minutes on a CPU)."""
+    if any(VARIANTS[v].reference == "strong" for v in variants) and not strong_reference:
         raise FlywheelError("--strong-reference: the variants guided by the strong reference need one; pass a "
-                            "post-trained model folder far better at the tasks (docs/results.md shows how the "
-                            "tiny world's micro one is made)")
-    return refs
+                            "post-trained model folder far better at the tasks (configs/strong-reference.yaml "
+                            "builds one on the tiny world)")
 
 
 def prepare_ablation(cfg: FlywheelConfig, variants: list[str] | None = None,
@@ -232,6 +235,7 @@ def prepare_ablation(cfg: FlywheelConfig, variants: list[str] | None = None,
     variants = _checked_variants(list(variants or over.get("variants") or VARIANTS))
     seed_list = _seed_list(cfg, seeds if seeds is not None else over.get("seeds", 3))
     fraction_list = _fraction_list(fractions or over.get("fractions") or FRACTIONS)
+    _check_strong_reference(variants, strong_reference)
     _build_world(cfg)
     sized = _sized(cfg, size)
     refs = _given_references(sized, variants, {"rl": reference, "sft": sft_reference, "weak": weak_reference,
